@@ -1,0 +1,143 @@
+"""The built-in example: an MLP classifier on mnist1d, with the data generated locally (no download)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torchmetrics
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import pytorch_lightning as pl
+
+OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
+
+_CACHE: dict[int, dict] = {}
+
+
+def mnist1d_arrays(seed: int = 42, cache_dir: str | None = None) -> dict:
+    """The mnist1d data set (4000 train, 1000 test sequences of length 40, 10 classes), generated locally.
+
+    Uses ``mnist1d.data.make_dataset(get_dataset_args())`` (about a second or two), never its download path;
+    kept in memory for the process and, when ``cache_dir`` is given, in a pickle there.
+    """
+    if seed in _CACHE:
+        return _CACHE[seed]
+    path = Path(cache_dir) / f"mnist1d-seed{seed}.pkl" if cache_dir else None
+    if path is not None and path.exists():
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+    else:
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("the mnist1d example needs `pip install lightning-clip[cli]`") from err
+        args = get_dataset_args()
+        args.seed = seed
+        full = make_dataset(args)
+        data = {k: full[k] for k in ("x", "y", "x_test", "y_test")}
+        if path is not None:
+            os.makedirs(path.parent, exist_ok=True)
+            with open(path, "wb") as f:
+                pickle.dump(data, f)
+    _CACHE[seed] = data
+    return data
+
+
+class MNIST1DDataModule(pl.LightningDataModule):
+    """mnist1d as a Lightning data module.
+
+    Args:
+        batch_size: samples per batch.
+        seed: the generator seed of mnist1d (42 is the published data set).
+        shuffle: reshuffle the training set every epoch.
+        cache_dir: optional folder to keep the generated arrays in between runs.
+    """
+
+    def __init__(self, batch_size: int = 100, seed: int = 42, shuffle: bool = True, cache_dir: str | None = None):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size!r}; expected >= 1")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.cache_dir = cache_dir
+
+    def setup(self, stage: str) -> None:
+        d = mnist1d_arrays(self.seed, self.cache_dir)
+        as_set = lambda x, y: TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y).long())
+        self.train_set = as_set(d["x"], d["y"])
+        self.val_set = as_set(d["x_test"], d["y_test"])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=1000)
+
+
+class MNIST1DClassifier(pl.LightningModule):
+    """An MLP ``40 -> hidden -> ... -> 10`` with ReLU, trained with cross-entropy.
+
+    The optimizer is Adam at ``lr`` unless ``optimizer`` is given: a callable ``params -> Optimizer``, which is how
+    LightningCLI injects one (``model.optimizer: {class_path: ..., init_args: ...}``). LightningCLI's own
+    ``--optimizer`` argument overrides both.
+
+    Args:
+        hidden: width of the hidden layers.
+        depth: number of hidden layers.
+        lr: learning rate of the default Adam.
+        optimizer: optional optimizer factory, called with the parameters.
+        init_scale: multiplies the initial weights; values well above 1 make the first gradients explode
+            (the case where Adam alone diverges and clipping brakes from the first step).
+    """
+
+    def __init__(
+        self,
+        hidden: int = 100,
+        depth: int = 2,
+        lr: float = 0.01,
+        optimizer: OptimizerCallable | None = None,
+        init_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        layers: list[nn.Module] = []
+        width = 40
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, 10))
+        self.net = nn.Sequential(*layers)
+        if init_scale != 1.0:
+            with torch.no_grad():
+                for p in self.net.parameters():
+                    p.mul_(init_scale)
+        self.lr = lr
+        self.optimizer_factory = optimizer
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", nn.functional.cross_entropy(logits, y), prog_bar=True)
+        self.val_acc(logits, y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(self.parameters())
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

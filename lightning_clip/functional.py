@@ -1,0 +1,299 @@
+"""The clipping rules as pure torch: global norms, thresholds, clip coefficients, non-finite handling.
+
+Nothing here imports Lightning. Every per-step decision stays on the gradients' device: no ``.item()``,
+``float()``, ``bool()`` or Python ``if`` on a tensor, so the same code runs unchanged on CPU, CUDA, MPS and XLA.
+
+One optimizer step of :func:`clip_grads_` with gradients ``g`` and state ``(m, k)`` (moving average, finite steps
+seen) does, for ``mode="adaptive"``::
+
+    n_t = ||g||_2                                  (float32 at least, over every gradient)
+    tau_t = alpha * m_(t-1)   if k > warmup_steps  else +inf   (never depends on n_t)
+    tau_t = min(tau_t, max_norm)                   (when max_norm is set: every step, the first included)
+    c_t = min(1, tau_t / max(n_t, tiny))           (post-clip norm c_t * n_t = tau_t when n_t > tau_t)
+    g <- c_t * g
+    m_t = n_t                        if k == 0     (the first finite step seeds the average)
+    m_t = beta * m_(t-1) + (1 - beta) * n_t        otherwise; non-finite n_t leave m and k unchanged
+
+``mode="norm"`` uses the fixed ``tau_t = clip_val`` (plain norm clipping) and ``mode="value"`` clamps every entry
+to ``[-clip_val, clip_val]``; both still track ``m`` so that the logs compare like with like.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ClipMode",
+    "ClipRule",
+    "ClipState",
+    "ClipStats",
+    "NonFinite",
+    "clip_grads_",
+    "global_grad_norm",
+    "scale_grads_",
+]
+
+ClipMode = Literal["adaptive", "norm", "value"]
+NonFinite = Literal["zero", "keep"]
+_MODES = ("adaptive", "norm", "value")
+
+#: Floor of the norm in ``threshold / norm``: keeps ``0 / 0`` out without shifting any non-zero norm.
+TINY = torch.finfo(torch.float32).tiny
+
+
+def _accumulation_dtype(grads: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+
+
+def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
+    r"""The L2 norm over all gradients, :math:`\sqrt{\sum_i \lVert g_i \rVert_2^2}`, as a 0-d tensor.
+
+    The value :func:`torch.nn.utils.get_total_norm` returns, except that the per-tensor norms are accumulated in
+    float32 (float64 when a gradient is float64) whatever the gradients' dtype: ``get_total_norm`` sums bf16/fp16
+    gradients in their own dtype, which loses digits the moving average then keeps.
+
+    Args:
+        grads: non-empty sequence of dense gradients, on one device or several.
+
+    Returns:
+        The norm, on the device of ``grads[0]``. ``inf`` or ``nan`` when any entry is not finite.
+    """
+    dtype = _accumulation_dtype(grads)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    device = grads[0].device
+    norms = [n.to(device) for group in by_device.values() for n in torch._foreach_norm(group, 2.0, dtype=dtype)]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def scale_grads_(grads: Sequence[Tensor], coef: Tensor, *, zero_nonfinite: bool, foreach: bool | None = None) -> None:
+    """Multiply every gradient in place by the 0-d tensor ``coef``; optionally turn ``nan``/``inf`` into zeros.
+
+    ``zero_nonfinite`` exists because ``inf * 0 = nan``: a step whose gradients must become zeros is done with
+    ``coef = 0`` followed by ``nan_to_num``. The for-loop kernel runs both on one tensor while it is still in the
+    cache, which on CPU costs a fraction of a second pass; ``foreach`` runs ``torch._foreach_mul_`` (faster where
+    kernel launches dominate, as on CUDA) and then the ``nan_to_num`` loop.
+
+    Args:
+        grads: gradients to scale in place.
+        coef: 0-d tensor on the gradients' device (float32 or wider); a ``bf16`` gradient times it stays ``bf16``.
+        zero_nonfinite: also replace ``nan``, ``+inf`` and ``-inf`` by ``0`` after the multiplication.
+        foreach: ``True`` for the multi-tensor kernel, ``False`` for the for-loop, ``None`` to pick by device
+            (for-loop on CPU, multi-tensor elsewhere).
+    """
+    if foreach is None:
+        foreach = grads[0].device.type != "cpu"
+    if foreach:
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for device, group in by_device.items():
+            torch._foreach_mul_(group, coef.to(device))
+        if zero_nonfinite:
+            for g in grads:
+                g.nan_to_num_(0.0, 0.0, 0.0)
+        return
+    for g in grads:
+        c = coef.to(g.device)
+        if zero_nonfinite:
+            g.mul_(c).nan_to_num_(0.0, 0.0, 0.0)
+        else:
+            g.mul_(c)
+
+
+@dataclass(frozen=True)
+class ClipRule:
+    """The settings of one clipping rule, validated at construction.
+
+    Args:
+        mode: ``"adaptive"`` (threshold ``alpha * m_(t-1)``), ``"norm"`` (fixed threshold ``clip_val`` on the global
+            norm, as ``torch.nn.utils.clip_grad_norm_``) or ``"value"`` (every entry clamped to
+            ``[-clip_val, clip_val]``, as ``torch.nn.utils.clip_grad_value_``).
+        alpha: multiple of the moving average that the norm may reach (adaptive mode). ``alpha < 1`` clips every
+            step to ``alpha`` times the typical norm (aggressive clipping).
+        beta: decay of the moving average of the norm, in ``[0, 1)``.
+        clip_val: the fixed bound of the ``"norm"`` and ``"value"`` modes; must be ``None`` in adaptive mode.
+        max_norm: optional absolute cap on the global norm, applied on every step, the first included (adaptive).
+        warmup_steps: finite steps after the seeding one during which the adaptive threshold is not applied.
+
+    Raises:
+        ValueError: naming the argument and its value when a setting is out of range or does not fit the mode.
+    """
+
+    mode: ClipMode = "adaptive"
+    alpha: float = 3.8
+    beta: float = 0.918
+    clip_val: float | None = None
+    max_norm: float | None = None
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"Invalid mode: {self.mode!r}; expected one of {_MODES}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"Invalid alpha: {self.alpha!r}; expected a finite number > 0")
+        if not (isinstance(self.beta, (int, float)) and 0.0 <= self.beta < 1.0):
+            raise ValueError(f"Invalid beta: {self.beta!r}; expected 0 <= beta < 1")
+        if self.max_norm is not None and not (
+            isinstance(self.max_norm, (int, float)) and not math.isnan(self.max_norm) and self.max_norm > 0
+        ):
+            raise ValueError(f"Invalid max_norm: {self.max_norm!r}; expected None or a number > 0")
+        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            raise ValueError(f"Invalid warmup_steps: {self.warmup_steps!r}; expected an integer >= 0")
+        if self.mode == "adaptive":
+            if self.clip_val is not None:
+                raise ValueError(f"Invalid clip_val: {self.clip_val!r}; mode='adaptive' takes alpha and beta, not clip_val")
+        else:
+            if self.clip_val is None or not (
+                isinstance(self.clip_val, (int, float)) and math.isfinite(self.clip_val) and self.clip_val > 0
+            ):
+                raise ValueError(f"Invalid clip_val: {self.clip_val!r}; mode={self.mode!r} needs a finite clip_val > 0")
+            if self.max_norm is not None:
+                raise ValueError(f"Invalid max_norm: {self.max_norm!r}; max_norm applies to mode='adaptive' only")
+
+    def threshold(self, state: ClipState) -> Tensor:
+        """The bound of this step, from the state before the step (never from the current norm).
+
+        Adaptive: ``alpha * m_(t-1)`` once ``k > warmup_steps`` finite steps were seen, else ``+inf``; then
+        ``min(., max_norm)``. Norm and value modes: ``clip_val`` (a norm bound, or a per-entry bound).
+        """
+        if self.mode != "adaptive":
+            return torch.full_like(state.ema, float(self.clip_val))  # type: ignore[arg-type]
+        threshold = torch.where(state.seen > self.warmup_steps, state.ema * self.alpha, math.inf)
+        if self.max_norm is not None:
+            threshold = threshold.clamp(max=self.max_norm)
+        return threshold
+
+
+@dataclass
+class ClipState:
+    """Device-resident state of one rule applied to one optimizer.
+
+    Attributes:
+        ema: ``m``, the moving average of the finite pre-clip norms (float32).
+        seen: ``k``, the number of finite steps seen (int64).
+        steps: finite steps since the window was last reset (int64).
+        clipped: steps of the window whose gradients the rule changed (int64).
+        nonfinite: steps of the window whose norm was ``inf`` or ``nan`` (int64).
+        coef_min: the smallest clip coefficient of the window (float32; ``1`` when nothing was clipped).
+    """
+
+    ema: Tensor
+    seen: Tensor
+    steps: Tensor
+    clipped: Tensor
+    nonfinite: Tensor
+    coef_min: Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device | str | None = None) -> ClipState:
+        """A fresh state on ``device``."""
+        f = torch.zeros((), dtype=torch.float32, device=device)
+        i = torch.zeros((), dtype=torch.int64, device=device)
+        return cls(ema=f, seen=i, steps=i.clone(), clipped=i.clone(), nonfinite=i.clone(), coef_min=f + 1)
+
+    def reset_window(self) -> None:
+        """Start a new logging window."""
+        self.steps.zero_()
+        self.clipped.zero_()
+        self.nonfinite.zero_()
+        self.coef_min.fill_(1.0)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Plain CPU copies, bit-exact, for checkpoints."""
+        return {k: v.detach().cpu().clone() for k, v in vars(self).items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], device: torch.device | str | None = None) -> ClipState:
+        """Rebuild a state saved by :meth:`state_dict` on ``device``."""
+        fresh = cls.zeros(device)
+        for k, v in vars(fresh).items():
+            if k in state:
+                v.copy_(torch.as_tensor(state[k]))
+        return fresh
+
+
+@dataclass
+class ClipStats:
+    """What one step of :func:`clip_grads_` measured and did, as 0-d device tensors.
+
+    Attributes:
+        norm: pre-clip global norm ``n_t``.
+        threshold: the bound that applied (``inf`` when none did).
+        coef: the post-clip to pre-clip norm ratio (``1`` when untouched, ``0`` for a zeroed step).
+        clipped: whether the rule changed the gradients.
+        finite: whether ``n_t`` was finite.
+    """
+
+    norm: Tensor
+    threshold: Tensor
+    coef: Tensor
+    clipped: Tensor
+    finite: Tensor
+
+
+def clip_grads_(
+    grads: Sequence[Tensor],
+    state: ClipState,
+    rule: ClipRule,
+    *,
+    nonfinite: NonFinite = "zero",
+    grad_scale: Tensor | None = None,
+    foreach: bool | None = None,
+) -> ClipStats:
+    """Apply ``rule`` to ``grads`` in place and advance ``state``, without a host synchronisation.
+
+    Args:
+        grads: the gradients of one optimizer (dense, non-empty).
+        state: the rule's state for that optimizer, on the gradients' device.
+        rule: the settings.
+        nonfinite: what a step whose norm is ``inf``/``nan`` does to the gradients: ``"zero"`` makes every entry
+            ``0`` (``nan`` and ``inf`` included); ``"keep"`` leaves them as they are (for callers that skip the
+            step themselves, as ``GradScaler`` does). Such a step never enters the moving average nor the counts
+            of steps and clipped steps.
+        grad_scale: when the gradients are still multiplied by a loss scale ``S`` (fused optimizers under a
+            ``GradScaler``), the 0-d tensor ``S``: the norm and threshold are compared unscaled.
+        foreach: kernel choice passed to :func:`scale_grads_`.
+
+    Returns:
+        The step's :class:`ClipStats`.
+    """
+    norm = global_grad_norm(grads)
+    if grad_scale is not None:
+        norm = norm / grad_scale.to(norm)
+    finite = torch.isfinite(norm)
+    threshold = rule.threshold(state)
+    zero = nonfinite == "zero"
+    if rule.mode == "value":
+        bound = float(rule.clip_val)  # type: ignore[arg-type]
+        if grad_scale is not None:
+            raise ValueError("mode='value' cannot clip gradients that are still loss-scaled (fused optimizer + GradScaler)")
+        clipped = finite & (torch.stack(torch._foreach_norm(grads, math.inf)).amax() > bound)
+        torch._foreach_clamp_min_(grads, -bound)
+        torch._foreach_clamp_max_(grads, bound)
+        post = global_grad_norm(grads)
+        coef = torch.where(norm > 0, post / norm.clamp_min(TINY), 1.0)
+        coef = torch.where(finite, coef, 0.0 if zero else 1.0).to(torch.float32)
+        scale_grads_(grads, torch.where(finite, 1.0, coef), zero_nonfinite=zero, foreach=foreach)
+    else:
+        coef = (threshold / norm.clamp_min(TINY)).clamp(max=1.0)
+        clipped = finite & (norm > threshold)
+        coef = torch.where(finite, coef, 0.0 if zero else 1.0).to(torch.float32)
+        scale_grads_(grads, coef, zero_nonfinite=zero, foreach=foreach)
+
+    n = norm.to(state.ema.dtype)
+    averaged = torch.where(state.seen > 0, state.ema * rule.beta + n * (1.0 - rule.beta), n)
+    state.ema.copy_(torch.where(finite, averaged, state.ema))
+    state.seen.add_(finite.long())
+    state.steps.add_(finite.long())
+    state.clipped.add_(clipped.long())
+    state.nonfinite.add_((~finite).long())
+    state.coef_min.copy_(torch.minimum(state.coef_min, torch.where(finite, coef, 1.0)))
+    return ClipStats(norm=norm, threshold=threshold, coef=coef, clipped=clipped, finite=finite)
