@@ -140,6 +140,8 @@ class AdaptiveGradientClipping(Callback):
         self._loaded: dict[int, dict[str, Tensor]] = {}
         self._names: list[str] = []
         self._last: dict[int, ClipStats] = {}
+        #: the values written at the last logging step, by metric name
+        self.last_metrics: dict[str, float] = {}
 
     @property
     @override
@@ -203,7 +205,7 @@ class AdaptiveGradientClipping(Callback):
         if scaler is None and self.nonfinite != "zero" and not bool(stats.finite):  # one sync, by choice
             self._handle_nonfinite(trainer, pl_module, params)
         if trainer._logger_connector.should_update_logs:
-            self._log(pl_module, index, stats, state)
+            self._log(trainer, index, stats, state)
 
     def _handle_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]) -> None:
         if self.nonfinite == "error":
@@ -223,7 +225,7 @@ class AdaptiveGradientClipping(Callback):
             return f"{self.log_prefix}/{self._names[index]}/{metric}"
         return f"{self.log_prefix}/{metric}"
 
-    def _log(self, pl_module: pl.LightningModule, index: int, stats: ClipStats, state: ClipState) -> None:
+    def _log(self, trainer: pl.Trainer, index: int, stats: ClipStats, state: ClipState) -> None:
         values = torch.stack(
             [
                 stats.norm.float(),
@@ -241,7 +243,12 @@ class AdaptiveGradientClipping(Callback):
             for key, value in zip(METRICS, values)
             if value == value and abs(value) != float("inf")  # an inf threshold (no bound yet) is not drawn
         }
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        self.last_metrics.update(metrics)
+        # written straight to the loggers (as LearningRateMonitor does): an optimizer that did not step in a logging
+        # step then leaves no stale value behind, and the step is the one Lightning's own metrics of the batch use
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------- helpers
     @staticmethod

@@ -49,6 +49,7 @@ __all__ = [
     "SmoothedNormSGD",
     "smoothed_sign_sgd",
     "smoothed_norm_sgd",
+    "global_grad_norm",
     "NORM_KINDS",
 ]
 
@@ -102,6 +103,19 @@ def _check_kernel_args(params: List[Tensor], grads: List[Tensor], bufs: List[Ten
         )
 
 
+def _squared_norm(grad: Tensor) -> Tensor:
+    """``||grad||^2`` as a 0-d tensor, accumulated in at least float32.
+
+    Contiguous float32/float64 gradients go through ``torch.dot`` (a BLAS
+    reduction in the gradient's own precision, about twice as fast on CPU as
+    ``vector_norm``); other dtypes are upcast to float32 by ``vector_norm``.
+    """
+    if grad.dtype in (torch.float32, torch.float64) and grad.is_contiguous() and not grad.is_complex():
+        flat = grad.view(-1)
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(grad, 2, dtype=_acc_dtype([grad])).square()
+
+
 def _grad_norms(grads: List[Tensor], *, foreach: bool) -> List[Tensor]:
     """Per-tensor L2 norms, accumulated in at least float32."""
     if not grads:
@@ -109,7 +123,7 @@ def _grad_norms(grads: List[Tensor], *, foreach: bool) -> List[Tensor]:
     dtype = _acc_dtype(grads)
     if foreach:
         return list(torch._foreach_norm(grads, 2, dtype=dtype))
-    return [torch.linalg.vector_norm(g, 2, dtype=dtype) for g in grads]
+    return [torch.sqrt(_squared_norm(g)) for g in grads]
 
 
 def global_grad_norm(grads: List[Tensor], *, foreach: Optional[bool] = None) -> Optional[Tensor]:
@@ -130,8 +144,12 @@ def global_grad_norm(grads: List[Tensor], *, foreach: Optional[bool] = None) -> 
         per_device.setdefault(g.device, []).append(g)
     totals = []
     for device_grads in per_device.values():
-        norms = _grad_norms(device_grads, foreach=foreach)
-        totals.append(torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2).to(first_device))
+        if foreach:
+            norms = _grad_norms(device_grads, foreach=True)
+            total = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2)
+        else:
+            total = torch.sqrt(torch.stack([_squared_norm(g).to(dtype) for g in device_grads]).sum())
+        totals.append(total.to(first_device))
     if len(totals) == 1:
         return totals[0]
     return torch.linalg.vector_norm(torch.stack(totals), 2)
@@ -192,7 +210,9 @@ def _multi_tensor_smoothed_sign(
     _check_kernel_args(params, grads, momentum_buffers, state_steps)
     if not params:
         return
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, momentum_buffers])  # type: ignore[list-item]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, momentum_buffers], with_indices=True
+    )  # type: ignore[list-item]
     for (device_params, device_grads, device_bufs), indices in grouped.values():
         device_steps = [state_steps[i] for i in indices]
         if weight_decay != 0.0:
@@ -286,9 +306,9 @@ def _single_tensor_smoothed_norm(
         if weight_decay != 0.0:
             param.mul_(1.0 - lr * weight_decay)
         if coef_global is not None:
-            coef = coef_global.to(grad.device, non_blocking=True)
+            coef = coef_global if coef_global.device == grad.device else coef_global.to(grad.device)
         else:
-            n = torch.linalg.vector_norm(grad, 2, dtype=_acc_dtype([grad]))
+            n = torch.sqrt(_squared_norm(grad))
             if norm == "rms":
                 n = n.mul_(1.0 / math.sqrt(max(grad.numel(), 1)))
             coef = torch.reciprocal(n.clamp_min_(eps)).mul_(signed)
@@ -321,7 +341,9 @@ def _multi_tensor_smoothed_norm(
     signed = -(1.0 - beta) if maximize else (1.0 - beta)
     if norm == "global" and global_norm is None:
         global_norm = global_grad_norm(grads, foreach=True)
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, momentum_buffers])  # type: ignore[list-item]
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, momentum_buffers], with_indices=True
+    )  # type: ignore[list-item]
     for (device_params, device_grads, device_bufs), indices in grouped.values():
         device_steps = [state_steps[i] for i in indices]
         if weight_decay != 0.0:

@@ -1,0 +1,93 @@
+"""Small real models and readers shared by the Lightning tests."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import pytorch_lightning as pl
+
+os.environ.setdefault("PL_DISABLE_FORK", "1")
+
+
+def norm64(tensors) -> float:
+    """Float64 reference of the global L2 norm."""
+    return math.sqrt(sum(float((t.detach().double() ** 2).sum()) for t in tensors))
+
+
+class TinyRegressor(pl.LightningModule):
+    """A two-layer MLP on fixed random data; records the pre-clip gradient norm of every backward."""
+
+    def __init__(self, lr: float = 0.05, optimizer: str = "adam", freeze_first: bool = False, fused: bool = False):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        if freeze_first:
+            self.net[0].requires_grad_(False)
+        self.lr, self.optimizer_name, self.fused = lr, optimizer, fused
+        self.backward_norms: list[float] = []
+        self.poison_steps: set[int] = set()  # optimizer steps whose gradients get a nan entry
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step in self.poison_steps:
+            self.net[-1].weight.grad[0, 0] = float("nan")
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.backward_norms.append(norm64(grads))
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.lr, fused=self.fused or None)
+
+
+def regression_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=gen)
+    y = (x[:, :1] * 3 - x[:, 1:2] ** 2) + 0.1 * torch.randn(n, 1, generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def trainer_kwargs(tmp_path, **overrides) -> dict:
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        log_every_n_steps=1,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the TensorBoard event files under ``log_dir``, read with tensorboard's API."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(str(log_dir), "**", "events.out.tfevents.*"), recursive=True)):
+        acc = EventAccumulator(path, size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_seeded():
+    pl.seed_everything(0, verbose=False)
+    yield

@@ -1,0 +1,229 @@
+"""The pure-torch rules against hand math, float64 references and torch's own clipping."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_clip.functional import ClipRule, ClipState, clip_grads_, global_grad_norm, scale_grads_
+
+
+def _grads_with_norm(norm: float, shapes=((3, 4), (5,), (2, 2, 2)), seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    total = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    return [g * (norm / total) for g in grads]
+
+
+def _norm64(grads) -> float:
+    return math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+
+
+def test_alpha_half_constant_gradient_clips_to_half_norm_from_step_two():
+    rule, state = ClipRule(alpha=0.5, beta=0.9), ClipState.zeros()
+    n = 3.0
+    for step in range(1, 31):
+        grads = _grads_with_norm(n)
+        stats = clip_grads_(grads, state, rule)
+        expected = n if step == 1 else 0.5 * n  # step 1 seeds the average and is not clipped
+        assert _norm64(grads) == pytest.approx(expected, rel=1e-6)
+        assert float(stats.norm) == pytest.approx(n, rel=1e-6)
+        # the average takes the raw norm, so it stays at n instead of collapsing
+        assert float(state.ema) == pytest.approx(n, rel=1e-6)
+
+
+def test_spike_after_fifty_steps_is_held_to_alpha_times_average():
+    alpha, beta = 2.0, 0.95
+    rule, state = ClipRule(alpha=alpha, beta=beta), ClipState.zeros()
+    gen = torch.Generator().manual_seed(1)
+    ref = None
+    for step in range(50):
+        n = 1.0 + 0.05 * float(torch.rand((), generator=gen) - 0.5)
+        grads = _grads_with_norm(n, seed=step)
+        clip_grads_(grads, state, rule)
+        ref = n if ref is None else beta * ref + (1 - beta) * n  # float64 reference average
+        assert _norm64(grads) == pytest.approx(n, rel=1e-6)  # near-constant norms are never clipped
+    spike = _grads_with_norm(1000.0, seed=99)
+    stats = clip_grads_(spike, state, rule)
+    assert float(stats.threshold) == pytest.approx(alpha * ref, rel=1e-5)
+    assert _norm64(spike) <= alpha * ref * (1 + 1e-5)
+    assert _norm64(spike) == pytest.approx(alpha * ref, rel=1e-5)
+    assert bool(stats.clipped)
+    # the spike enters the average as its raw norm, but only after its own threshold was fixed
+    assert float(state.ema) == pytest.approx(beta * ref + (1 - beta) * 1000.0, rel=1e-5)
+
+
+def test_huge_alpha_leaves_gradients_bit_for_bit():
+    rule, state = ClipRule(alpha=1e30, beta=0.5), ClipState.zeros()
+    for step in range(10):
+        grads = _grads_with_norm(10.0 ** (step % 4), seed=step)
+        before = [g.clone() for g in grads]
+        clip_grads_(grads, state, rule)
+        assert all(torch.equal(a, b) for a, b in zip(before, grads))
+
+
+def test_average_matches_float64_reference_and_threshold_never_sees_current_norm():
+    alpha, beta = 1.5, 0.8
+    rule, state = ClipRule(alpha=alpha, beta=beta), ClipState.zeros()
+    gen = torch.Generator().manual_seed(2)
+    m = None
+    for step in range(40):
+        n = float(torch.rand((), generator=gen)) * 10 + 0.1
+        grads = _grads_with_norm(n, seed=step)
+        stats = clip_grads_(grads, state, rule)
+        expected_threshold = math.inf if m is None else alpha * m
+        assert float(stats.threshold) == pytest.approx(expected_threshold, rel=1e-5)
+        assert _norm64(grads) == pytest.approx(min(n, expected_threshold), rel=1e-5)
+        m = n if m is None else beta * m + (1 - beta) * n
+        assert float(state.ema) == pytest.approx(m, rel=1e-5)
+    assert int(state.seen) == 40
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_step_is_zeroed_and_never_enters_the_average(bad):
+    rule, state = ClipRule(alpha=2.0, beta=0.9), ClipState.zeros()
+    for step in range(5):
+        clip_grads_(_grads_with_norm(1.0, seed=step), state, rule)
+    ema, seen = state.ema.clone(), state.seen.clone()
+    grads = _grads_with_norm(1.0, seed=7)
+    grads[1][2] = bad
+    grads[0][0, 0] = float("inf")
+    stats = clip_grads_(grads, state, rule)
+    assert not bool(stats.finite)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)  # no nan left (inf * 0 would be nan)
+    assert torch.equal(state.ema, ema) and torch.equal(state.seen, seen)
+    assert int(state.nonfinite) == 1 and int(state.steps) == 5
+    stats = clip_grads_(_grads_with_norm(5.0, seed=8), state, rule)
+    assert math.isfinite(float(stats.threshold))
+    assert float(stats.threshold) == pytest.approx(2.0 * float(ema), rel=1e-6)
+
+
+def test_keep_policy_leaves_nonfinite_gradients_untouched():
+    rule, state = ClipRule(alpha=2.0), ClipState.zeros()
+    clip_grads_(_grads_with_norm(1.0), state, rule)
+    grads = _grads_with_norm(1.0, seed=3)
+    grads[0][1, 1] = float("nan")
+    before = [g.clone() for g in grads]
+    clip_grads_(grads, state, rule, nonfinite="keep")
+    for a, b in zip(before, grads):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+
+
+def test_first_finite_step_seeds_the_average_when_step_one_is_not_finite():
+    rule, state = ClipRule(alpha=0.5, beta=0.9), ClipState.zeros()
+    grads = _grads_with_norm(1.0)
+    grads[0][0, 0] = float("nan")
+    clip_grads_(grads, state, rule)
+    assert int(state.seen) == 0
+    grads = _grads_with_norm(4.0)
+    stats = clip_grads_(grads, state, rule)
+    assert float(state.ema) == pytest.approx(4.0, rel=1e-6)
+    assert _norm64(grads) == pytest.approx(4.0, rel=1e-6)  # the seeding step is not clipped by the rule
+    assert float(stats.threshold) == math.inf
+
+
+def test_max_norm_applies_from_the_first_step():
+    rule, state = ClipRule(alpha=3.0, beta=0.9, max_norm=2.0), ClipState.zeros()
+    grads = _grads_with_norm(50.0)
+    stats = clip_grads_(grads, state, rule)
+    assert float(stats.threshold) == 2.0
+    assert _norm64(grads) == pytest.approx(2.0, rel=1e-6)
+    assert float(state.ema) == pytest.approx(50.0, rel=1e-6)  # the raw norm seeds the average
+
+
+def test_warmup_delays_the_adaptive_threshold():
+    rule, state = ClipRule(alpha=0.5, beta=0.9, warmup_steps=3), ClipState.zeros()
+    norms = []
+    for step in range(6):
+        grads = _grads_with_norm(2.0, seed=step)
+        clip_grads_(grads, state, rule)
+        norms.append(_norm64(grads))
+    assert norms[:4] == pytest.approx([2.0] * 4, rel=1e-6)
+    assert norms[4:] == pytest.approx([1.0] * 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("i", range(1, 51))
+def test_norm_mode_reaches_the_bound_like_torch(i):
+    grads = _grads_with_norm(7.0, seed=i)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 1.0 / i, foreach=True)
+    stats = clip_grads_(grads, ClipState.zeros(), ClipRule(mode="norm", clip_val=1.0 / i))
+    assert _norm64(grads) == pytest.approx(1.0 / i, rel=1e-6)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-9)
+    assert float(stats.coef) == pytest.approx(1.0 / i / 7.0, rel=1e-5)
+
+
+def test_repeated_clipping_stays_finite_and_bf16_accumulates_in_float32():
+    grads = [g.to(torch.bfloat16) for g in _grads_with_norm(300.0, shapes=((64, 64), (4096,)))]
+    state, rule = ClipState.zeros(), ClipRule(alpha=0.5, beta=0.5)
+    for _ in range(100):
+        stats = clip_grads_(grads, state, rule)
+        assert stats.norm.dtype == torch.float32 and bool(stats.finite)
+        ref = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))  # after clipping
+    assert all(g.dtype == torch.bfloat16 and bool(g.isfinite().all()) for g in grads)
+    assert float(global_grad_norm(grads)) == pytest.approx(ref, rel=1e-6)
+
+
+def test_value_mode_matches_torch_clip_grad_value():
+    grads = _grads_with_norm(10.0, seed=4)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_value_(params, 0.3)
+    pre = _norm64(grads)
+    stats = clip_grads_(grads, ClipState.zeros(), ClipRule(mode="value", clip_val=0.3))
+    for p, g in zip(params, grads):
+        assert torch.equal(g, p.grad)
+    assert float(stats.coef) == pytest.approx(_norm64(grads) / pre, rel=1e-5)
+    assert bool(stats.clipped)
+
+
+def test_global_norm_equals_torch_total_norm():
+    grads = _grads_with_norm(3.3, seed=5)
+    torch.testing.assert_close(global_grad_norm(grads), torch.nn.utils.get_total_norm(grads))
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_foreach_and_loop_kernels_agree(zero):
+    a = _grads_with_norm(2.0, seed=6)
+    a[0][0, 1] = float("inf")
+    b = [g.clone() for g in a]
+    coef = torch.tensor(0.0 if zero else 0.25)
+    scale_grads_(a, coef, zero_nonfinite=zero, foreach=True)
+    scale_grads_(b, coef, zero_nonfinite=zero, foreach=False)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, equal_nan=True, rtol=0, atol=0)
+
+
+def test_state_round_trip_is_exact():
+    state, rule = ClipState.zeros(), ClipRule(alpha=1.1, beta=0.37)
+    for step in range(7):
+        clip_grads_(_grads_with_norm(1.0 + step, seed=step), state, rule)
+    again = ClipState.from_state_dict(state.state_dict())
+    for k, v in vars(state).items():
+        assert torch.equal(v, getattr(again, k))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": 0.0}, "alpha: 0.0"),
+        ({"alpha": -1.0}, "alpha: -1.0"),
+        ({"beta": 1.0}, "beta: 1.0"),
+        ({"beta": -0.1}, "beta: -0.1"),
+        ({"max_norm": 0.0}, "max_norm: 0.0"),
+        ({"max_norm": -2.0}, "max_norm: -2.0"),
+        ({"mode": "median"}, "mode: 'median'"),
+        ({"mode": "norm"}, "clip_val: None"),
+        ({"mode": "value", "clip_val": -1.0}, "clip_val: -1.0"),
+        ({"clip_val": 1.0}, "clip_val: 1.0"),
+        ({"mode": "norm", "clip_val": 1.0, "max_norm": 2.0}, "max_norm: 2.0"),
+        ({"warmup_steps": -1}, "warmup_steps: -1"),
+    ],
+)
+def test_bad_settings_raise_naming_argument_and_value(kwargs, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        ClipRule(**kwargs)
