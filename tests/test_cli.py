@@ -106,3 +106,35 @@ def test_console_script_main_job(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "tensorboard --logdir" in out.stdout
     assert glob.glob(str(tmp_path / "runs" / "adam_adaptive" / "version_0" / "events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "cls", "expected"),
+    [
+        (["--optimizer", "lightning_clip.SmoothedSignSGD", "--optimizer.lr", "0.05"], "SmoothedSignSGD",
+         {"lr": 0.05, "beta": 0.9}),
+        (["--optimizer", "lightning_clip.SmoothedNormSGD", "--optimizer.lr", "0.3", "--optimizer.norm", "tensor"],
+         "SmoothedNormSGD", {"lr": 0.3, "norm": "tensor"}),
+        (["--model.optimizer", "lightning_clip.SmoothedSignSGD", "--model.optimizer.lr", "0.02",
+          "--model.optimizer.beta", "0.8"], "SmoothedSignSGD", {"lr": 0.02, "beta": 0.8}),
+        (["--optimizer", "lightning_clip.GroupedSmoothedSignSGD", "--optimizer.lr", "0.05",
+          "--optimizer.weight_decay", "0.1"], "GroupedSmoothedSignSGD", {"lr": 0.05}),
+    ],
+    ids=["automatic-sign", "automatic-norm", "injected", "grouped"],
+)
+def test_optimizer_selected_from_the_command_line(args, cls, expected, tmp_path):
+    cli = build_cli(["fit", "--config", os.path.join(ROOT, "configs", "adam_adaptive.yaml"), *_quick(tmp_path), *args])
+    (opt,) = cli.trainer.optimizers
+    assert type(opt).__name__ == cls
+    for key, value in expected.items():
+        assert all(group[key] == value for group in opt.param_groups), key
+    assert all(len(opt.state[p]) >= 1 for g in opt.param_groups for p in g["params"])  # it stepped
+    if cls.startswith("Grouped"):
+        decays = sorted(g["weight_decay"] for g in opt.param_groups)
+        assert decays == [0.0, 0.1]
+
+
+def test_unknown_optimizer_argument_is_rejected(tmp_path):
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", os.path.join(ROOT, "configs", "adam_adaptive.yaml"), *_quick(tmp_path),
+                   "--optimizer", "lightning_clip.SmoothedSignSGD", "--optimizer.betaa", "0.9"])

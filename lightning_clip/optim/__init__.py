@@ -12,6 +12,8 @@ This subpackage imports only ``torch``.
 """
 
 from .factory import (
+    GroupedSmoothedNormSGD,
+    GroupedSmoothedSignSGD,
     NORMALIZATION_LAYERS,
     OPTIMIZER_REGISTRY,
     SmoothedNormSGDFactory,
@@ -38,4 +40,6 @@ __all__ = [
     "create_optimizer",
     "SmoothedSignSGDFactory",
     "SmoothedNormSGDFactory",
+    "GroupedSmoothedSignSGD",
+    "GroupedSmoothedNormSGD",
 ]

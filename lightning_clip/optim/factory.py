@@ -5,8 +5,12 @@
   non-decayed group.
 * :func:`create_optimizer` builds an optimizer by name with those groups.
 * :class:`SmoothedSignSGDFactory` / :class:`SmoothedNormSGDFactory` are
-  callables ``params -> Optimizer`` with explicit, typed init arguments, usable
-  where LightningCLI expects an ``OptimizerCallable``.
+  callables ``params -> Optimizer`` with explicit, typed init arguments (an
+  ``OptimizerCallable`` for code, e.g. ``LightningModule(optimizer=...)``).
+* :class:`GroupedSmoothedSignSGD` / :class:`GroupedSmoothedNormSGD` are the
+  same optimizers building their decay / no-decay groups in ``__init__``; as
+  ``Optimizer`` subclasses they are what a LightningCLI YAML can name as the
+  ``class_path`` of an ``OptimizerCallable`` argument.
 
 Which parameters are excluded from weight decay:
 
@@ -43,6 +47,8 @@ __all__ = [
     "create_optimizer",
     "SmoothedSignSGDFactory",
     "SmoothedNormSGDFactory",
+    "GroupedSmoothedSignSGD",
+    "GroupedSmoothedNormSGD",
 ]
 
 #: name -> optimizer class.  Names are matched case-insensitively, with ``-``
@@ -330,3 +336,75 @@ class SmoothedNormSGDFactory:
             f"no_decay={self.no_decay})"
         )
 
+
+
+class GroupedSmoothedSignSGD(SmoothedSignSGD):
+    """:class:`SmoothedSignSGD` that builds its own decay / no-decay groups.
+
+    Being an ``Optimizer`` subclass whose first argument is ``params``, it can
+    be given as ``class_path`` of a LightningCLI ``optimizer`` (jsonargparse
+    only accepts optimizer subclasses there, so the callable factories above
+    cannot be used from YAML).  LightningCLI passes bare parameters, so the
+    grouping rule is ``exclude_1d`` (no weight decay for ``ndim <= 1``:
+    biases and normalisation weights); given a module or named parameters the
+    ``no_decay`` name rule applies too.  See :class:`SmoothedSignSGD` for the
+    other arguments.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        beta: float = 0.9,
+        weight_decay: float = 0.0,
+        bias_correction: bool = False,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        exclude_1d: bool = True,
+        no_decay: Sequence[str] = DEFAULT_NO_DECAY,
+    ) -> None:
+        groups = weight_decay_param_groups(params, weight_decay, tuple(no_decay), exclude_1d)  # type: ignore[arg-type]
+        super().__init__(
+            groups,
+            lr=lr,
+            beta=beta,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            maximize=maximize,
+            foreach=foreach,
+        )
+
+
+class GroupedSmoothedNormSGD(SmoothedNormSGD):
+    """:class:`SmoothedNormSGD` that builds its own decay / no-decay groups.
+
+    Same grouping rules and LightningCLI use as :class:`GroupedSmoothedSignSGD`;
+    see :class:`SmoothedNormSGD` for the other arguments.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        beta: float = 0.9,
+        norm: NormKind = "global",
+        eps: float = 1e-12,
+        weight_decay: float = 0.0,
+        bias_correction: bool = False,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        exclude_1d: bool = True,
+        no_decay: Sequence[str] = DEFAULT_NO_DECAY,
+    ) -> None:
+        groups = weight_decay_param_groups(params, weight_decay, tuple(no_decay), exclude_1d)  # type: ignore[arg-type]
+        super().__init__(
+            groups,
+            lr=lr,
+            beta=beta,
+            norm=norm,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            maximize=maximize,
+            foreach=foreach,
+        )
