@@ -3,6 +3,7 @@ equals the single-process run over the same global batches."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -11,12 +12,23 @@ import pytest
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_run.py")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(tmp_path, devices: int, batch_size: int) -> list[dict]:
     out = str(tmp_path / f"d{devices}")
-    env = {**os.environ, "PL_DISABLE_FORK": "1", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, out, str(devices), str(batch_size)], capture_output=True, text=True, timeout=300, env=env
-    )
+    for _attempt in range(3):  # another process may grab the free port between the check and the bind
+        env = {**os.environ, "PL_DISABLE_FORK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(
+            [sys.executable, SCRIPT, out, str(devices), str(batch_size)],
+            capture_output=True, text=True, timeout=300, env=env,
+        )
+        if "EADDRINUSE" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = []
     for rank in range(devices):
