@@ -73,23 +73,51 @@ def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def scale_grads_(grads: Sequence[Tensor], coef: Tensor, *, zero_nonfinite: bool, foreach: bool | None = None) -> None:
-    """Multiply every gradient in place by the 0-d tensor ``coef``; optionally turn ``nan``/``inf`` into zeros.
+#: Integer views of the float dtypes: ``bits & 0`` is ``+0.0`` whatever the float was (``nan`` and ``inf`` too),
+#: and ``bits & ~0`` leaves it bit for bit, which makes zeroing a step cheaper than ``nan_to_num``.
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
-    ``zero_nonfinite`` exists because ``inf * 0 = nan``: a step whose gradients must become zeros is done with
-    ``coef = 0`` followed by ``nan_to_num``. The for-loop kernel runs both on one tensor while it is still in the
-    cache, which on CPU costs a fraction of a second pass; ``foreach`` runs ``torch._foreach_mul_`` (faster where
-    kernel launches dominate, as on CUDA) and then the ``nan_to_num`` loop.
+
+def _keep_mask(coef: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    bits = _BITS.get(dtype)
+    if bits is None:
+        return None
+    return torch.where(coef.to(device) != 0, -1, 0).to(bits)
+
+
+def _zero_where_masked_(g: Tensor, mask: Tensor | None) -> None:
+    if mask is None:
+        g.nan_to_num_(0.0, 0.0, 0.0)
+    else:
+        g.view(mask.dtype).bitwise_and_(mask)
+
+
+def scale_grads_(grads: Sequence[Tensor], coef: Tensor, *, zero_nonfinite: bool, foreach: bool | None = None) -> None:
+    """Multiply every gradient in place by the 0-d tensor ``coef``; with ``zero_nonfinite``, ``coef == 0`` zeroes.
+
+    ``zero_nonfinite`` exists because ``inf * 0 = nan``: a step whose gradients must become zeros gets ``coef = 0``,
+    and the entries are then AND-ed, as integers, with an all-ones mask (``coef != 0``: the bits stay as they are)
+    or an all-zeros one (every entry becomes ``+0.0``, ``nan`` and ``inf`` included). The for-loop kernel runs both
+    on one tensor while it is still in the cache; ``foreach`` runs ``torch._foreach_mul_`` (faster where kernel
+    launches dominate, as on CUDA) and then the masks.
 
     Args:
         grads: gradients to scale in place.
         coef: 0-d tensor on the gradients' device (float32 or wider); a ``bf16`` gradient times it stays ``bf16``.
-        zero_nonfinite: also replace ``nan``, ``+inf`` and ``-inf`` by ``0`` after the multiplication.
+        zero_nonfinite: make every entry ``+0.0`` when ``coef == 0`` (finite or not).
         foreach: ``True`` for the multi-tensor kernel, ``False`` for the for-loop, ``None`` to pick by device
             (for-loop on CPU, multi-tensor elsewhere).
     """
     if foreach is None:
         foreach = grads[0].device.type != "cpu"
+    masks: dict[tuple[torch.dtype, torch.device], Tensor | None] = {}
+
+    def mask_for(g: Tensor) -> Tensor | None:
+        key = (g.dtype, g.device)
+        if key not in masks:
+            masks[key] = _keep_mask(coef, g.dtype, g.device)
+        return masks[key]
+
     if foreach:
         by_device: dict[torch.device, list[Tensor]] = {}
         for g in grads:
@@ -98,14 +126,12 @@ def scale_grads_(grads: Sequence[Tensor], coef: Tensor, *, zero_nonfinite: bool,
             torch._foreach_mul_(group, coef.to(device))
         if zero_nonfinite:
             for g in grads:
-                g.nan_to_num_(0.0, 0.0, 0.0)
+                _zero_where_masked_(g, mask_for(g))
         return
     for g in grads:
-        c = coef.to(g.device)
+        g.mul_(coef.to(g.device))
         if zero_nonfinite:
-            g.mul_(c).nan_to_num_(0.0, 0.0, 0.0)
-        else:
-            g.mul_(c)
+            _zero_where_masked_(g, mask_for(g))
 
 
 @dataclass(frozen=True)

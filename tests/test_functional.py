@@ -227,3 +227,14 @@ def test_state_round_trip_is_exact():
 def test_bad_settings_raise_naming_argument_and_value(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
         ClipRule(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_zeroing_works_bitwise_in_every_float_dtype(dtype, foreach):
+    grads = [torch.tensor([1.5, -2.0, float("nan")], dtype=dtype), torch.tensor([float("inf"), -float("inf")], dtype=dtype)]
+    scale_grads_(grads, torch.tensor(0.0), zero_nonfinite=True, foreach=foreach)
+    assert all(torch.equal(g, torch.zeros_like(g)) and not torch.signbit(g).any() for g in grads)
+    finite = [torch.tensor([1.5, -2.0, 3.0], dtype=dtype)]
+    scale_grads_(finite, torch.tensor(0.5), zero_nonfinite=True, foreach=foreach)
+    assert torch.equal(finite[0], torch.tensor([0.75, -1.0, 1.5], dtype=dtype))
