@@ -128,8 +128,12 @@ def scale_grads_(grads: Sequence[Tensor], coef: Tensor, *, zero_nonfinite: bool,
             for g in grads:
                 _zero_where_masked_(g, mask_for(g))
         return
+    coefs: dict[torch.device, Tensor] = {}
     for g in grads:
-        g.mul_(coef.to(g.device))
+        c = coefs.get(g.device)
+        if c is None:
+            c = coefs[g.device] = coef.to(g.device)
+        g.mul_(c)
         if zero_nonfinite:
             _zero_where_masked_(g, mask_for(g))
 
