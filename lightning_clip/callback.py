@@ -16,7 +16,10 @@ from pytorch_lightning.callbacks.callback import Callback
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
+from lightning_clip.dashboard import Layout, clipping_layout, log_histogram, metric_tag, write_layout
 from lightning_clip.functional import ClipMode, ClipRule, ClipState, ClipStats, clip_grads_
+from lightning_clip.monitor import SPARSITY_METRICS, _SparsityLogging
+from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, _check_relative_to, _check_tol
 
 NonFinitePolicy = Literal["zero", "skip", "error"]
 _POLICIES = ("zero", "skip", "error")
@@ -30,7 +33,9 @@ METRICS: dict[str, str] = {
     "clip_coef_min": "smallest clip coefficient since the last log (how hard it clipped)",
     "clipped_frac": "fraction of the finite steps since the last log that were clipped",
     "nonfinite_steps": "steps since the last log whose norm was inf or nan",
+    **SPARSITY_METRICS,
 }
+_CLIP_KEYS = ("grad_norm", "threshold", "grad_norm_ema", "clip_coef", "clip_coef_min", "clipped_frac", "nonfinite_steps")
 
 
 def _optimizer_names(optimizers: list[Optimizer]) -> list[str]:
@@ -93,6 +98,21 @@ class AdaptiveGradientClipping(Callback):
             cache; multi-tensor elsewhere).
         log_prefix: the metrics are ``{log_prefix}/grad_norm`` etc.; with several optimizers
             ``{log_prefix}/{OptimizerName}/grad_norm``.
+        log_sparsity: also log ``{log_prefix}/update_sparsity`` at the logging steps: the fraction of the entries
+            whose update ``|w(after) - w(before)|`` was at most ``sparsity_tol * lr_g`` (see
+            :mod:`lightning_clip.sparsity`). Costs, on logging steps only, one copy of the weights held from this
+            hook to the end of the step; other steps pay nothing.
+        sparsity_tol: the tolerance of the negligible rule, ``>= 0`` (default 0.1: a tenth of a full step).
+        sparsity_relative_to: ``"lr"`` (units of the group's lr) or ``"rms"`` (units of the rms update).
+        sparsity_cumulative: also log ``{log_prefix}/update_sparsity_cumulative``, the fraction of entries whose
+            movement since the last log is at most ``sparsity_tol`` times the sum of the lrs; holds one extra copy of
+            the weights for the whole run (off by default).
+        dashboard: write a TensorBoard custom-scalars layout (norm vs threshold, clip coefficient and clipped
+            fraction, sparsity, per optimizer) once per run to each ``TensorBoardLogger``; other loggers get the
+            scalars only.
+        histogram_every_n_steps: when set, every that many optimizer steps (``(batches_that_stepped + 1) % n ==
+            0``), write the histogram of the per-tensor (per-layer) pre-clip gradient norms,
+            ``{log_prefix}/grad_norm_per_layer``, to the TensorBoard loggers (one host sync on those steps).
 
     Raises:
         ValueError: at construction, naming the argument and its value, for ``alpha <= 0``, ``beta`` outside
@@ -118,6 +138,12 @@ class AdaptiveGradientClipping(Callback):
         nonfinite: NonFinitePolicy = "zero",
         foreach: bool | None = None,
         log_prefix: str = "clip",
+        log_sparsity: bool = True,
+        sparsity_tol: float = DEFAULT_TOL,
+        sparsity_relative_to: RelativeTo = "lr",
+        sparsity_cumulative: bool = False,
+        dashboard: bool = True,
+        histogram_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
         self.rule = ClipRule(
@@ -127,6 +153,16 @@ class AdaptiveGradientClipping(Callback):
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}; expected one of {_POLICIES}")
         if not isinstance(log_prefix, str) or not log_prefix:
             raise ValueError(f"Invalid log_prefix: {log_prefix!r}; expected a non-empty string")
+        _check_tol(sparsity_tol)
+        _check_relative_to(sparsity_relative_to)
+        if histogram_every_n_steps is not None and not (
+            isinstance(histogram_every_n_steps, int)
+            and not isinstance(histogram_every_n_steps, bool)
+            and histogram_every_n_steps >= 1
+        ):
+            raise ValueError(
+                f"Invalid histogram_every_n_steps: {histogram_every_n_steps!r}; expected None or an integer >= 1"
+            )
         self.alpha = alpha
         self.beta = beta
         self.mode = mode
@@ -136,6 +172,13 @@ class AdaptiveGradientClipping(Callback):
         self.nonfinite = nonfinite
         self.foreach = foreach
         self.log_prefix = log_prefix
+        self.log_sparsity = log_sparsity
+        self.sparsity_tol = sparsity_tol
+        self.sparsity_relative_to = sparsity_relative_to
+        self.sparsity_cumulative = sparsity_cumulative
+        self.dashboard = dashboard
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self._sparsity = _SparsityLogging(sparsity_tol, sparsity_relative_to, sparsity_cumulative)
         self._states: dict[int, ClipState] = {}
         self._loaded: dict[int, dict[str, Tensor]] = {}
         self._names: list[str] = []
@@ -172,6 +215,8 @@ class AdaptiveGradientClipping(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = _optimizer_names(trainer.optimizers)
+        if self.dashboard:
+            write_layout(trainer)
         scaler = self._scaler(trainer)
         if scaler is not None and self.mode == "value":
             fused = [n for n, o in zip(self._names, trainer.optimizers) if _optimizer_handles_unscaling(o)]
@@ -194,6 +239,9 @@ class AdaptiveGradientClipping(Callback):
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("AdaptiveGradientClipping does not support sparse gradients")
+        if self.histogram_every_n_steps is not None and self._histogram_step(trainer):
+            per_layer = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))  # before clipping
+            log_histogram(trainer, self.metric_name("grad_norm_per_layer", index), per_layer, self._step(trainer))
         state = self._state(index, grads[0].device)
         scaler = self._scaler(trainer)
         grad_scale = scaler._get_scale_async() if scaler is not None and _optimizer_handles_unscaling(optimizer) else None
@@ -206,6 +254,27 @@ class AdaptiveGradientClipping(Callback):
             self._handle_nonfinite(trainer, pl_module, params)
         if trainer._logger_connector.should_update_logs:
             self._log(trainer, index, stats, state)
+        if self.log_sparsity:  # arms a copy on logging steps only (after the clipping and a skip)
+            self._sparsity.before_step(trainer, index, optimizer, self.metric_name, self.last_metrics)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.log_sparsity:
+            self._sparsity.start(trainer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._sparsity.end_batch()  # drops a copy left by a step that did not run (GradScaler skip)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sparsity.close()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._sparsity.close()
 
     def _handle_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]) -> None:
         if self.nonfinite == "error":
@@ -221,9 +290,34 @@ class AdaptiveGradientClipping(Callback):
     # -------------------------------------------------------------- logging
     def metric_name(self, metric: str, index: int = 0) -> str:
         """The logged name of ``metric`` (a key of :data:`METRICS`) for the optimizer at ``index``."""
-        if len(self._names) > 1:
-            return f"{self.log_prefix}/{self._names[index]}/{metric}"
-        return f"{self.log_prefix}/{metric}"
+        return metric_tag(self.log_prefix, self._names, index, metric)
+
+    def dashboard_layout(self, trainer: pl.Trainer) -> Layout:
+        """This callback's part of the run's custom-scalars layout: one section per optimizer."""
+        if not self.dashboard:
+            return {}
+        names = _optimizer_names(trainer.optimizers)
+        layout: Layout = {}
+        for index in range(len(names)):
+            category = metric_tag(self.log_prefix, names, index, "").rstrip("/")
+            layout.update(
+                clipping_layout(
+                    lambda key, i=index: metric_tag(self.log_prefix, names, i, key),
+                    category,
+                    mode=self.mode,
+                    sparsity=self.log_sparsity,
+                    cumulative=self.sparsity_cumulative,
+                )
+            )
+        return layout
+
+    @staticmethod
+    def _step(trainer: pl.Trainer) -> int:
+        return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+    def _histogram_step(self, trainer: pl.Trainer) -> bool:
+        n = self.histogram_every_n_steps
+        return n is not None and (self._step(trainer) + 1) % n == 0
 
     def _log(self, trainer: pl.Trainer, index: int, stats: ClipStats, state: ClipState) -> None:
         values = torch.stack(
@@ -240,7 +334,7 @@ class AdaptiveGradientClipping(Callback):
         state.reset_window()
         metrics = {
             self.metric_name(key, index): value
-            for key, value in zip(METRICS, values)
+            for key, value in zip(_CLIP_KEYS, values)
             if value == value and abs(value) != float("inf")  # an inf threshold (no bound yet) is not drawn
         }
         self.last_metrics.update(metrics)

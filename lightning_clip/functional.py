@@ -47,30 +47,99 @@ _MODES = ("adaptive", "norm", "value")
 TINY = torch.finfo(torch.float32).tiny
 
 
-def _accumulation_dtype(grads: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+try:  # the device types that have native multi-tensor (foreach) kernels
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
+    _FOREACH_DEVICES: tuple[str, ...] = tuple(_get_foreach_kernels_supported_devices())
+except Exception:  # pragma: no cover - older / newer torch
+    _FOREACH_DEVICES = ("cuda", "xpu")
 
 
-def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def _default_foreach(tensors: list[Tensor]) -> bool:
+    """Default kernel choice: multi-tensor on accelerators, for-loop elsewhere.
+
+    On CPU the single-tensor loop is faster: each ``torch._foreach_*`` op walks
+    all tensors once, so a chain of foreach ops streams every tensor through
+    memory once per op and loses the cache, while the loop applies the whole
+    chain to one tensor while it is still hot (see
+    ``benchmarks/bench_optimizers.py``).  On CUDA (and other devices with native
+    foreach kernels) the multi-tensor path wins by launching far fewer kernels.
+    """
+    if torch.jit.is_scripting():
+        return False
+    return len(tensors) > 0 and all(t.device.type in _FOREACH_DEVICES for t in tensors)
+
+
+def _acc_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """Accumulation dtype for norms: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _squared_norm(grad: Tensor) -> Tensor:
+    """``||grad||^2`` as a 0-d tensor, accumulated in at least float32.
+
+    Contiguous float32/float64 gradients go through ``torch.dot`` (a BLAS
+    reduction in the gradient's own precision, about twice as fast on CPU as
+    ``vector_norm``); other dtypes are upcast to float32 by ``vector_norm``.
+    """
+    if grad.dtype in (torch.float32, torch.float64) and grad.is_contiguous() and not grad.is_complex():
+        flat = grad.view(-1)
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(grad, 2, dtype=_acc_dtype([grad])).square()
+
+
+def _grad_norms(grads: list[Tensor], *, foreach: bool) -> list[Tensor]:
+    """Per-tensor L2 norms, accumulated in at least float32."""
+    if not grads:
+        return []
+    dtype = _acc_dtype(grads)
+    if foreach:
+        return list(torch._foreach_norm(grads, 2, dtype=dtype))
+    return [torch.sqrt(_squared_norm(g)) for g in grads]
+
+
+def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool | None = None) -> Tensor | None:
     r"""The L2 norm over all gradients, :math:`\sqrt{\sum_i \lVert g_i \rVert_2^2}`, as a 0-d tensor.
 
     The value :func:`torch.nn.utils.get_total_norm` returns, except that the per-tensor norms are accumulated in
     float32 (float64 when a gradient is float64) whatever the gradients' dtype: ``get_total_norm`` sums bf16/fp16
-    gradients in their own dtype, which loses digits the moving average then keeps.
+    gradients in their own dtype, which loses digits the moving average then keeps. Nothing is read back to the
+    host.
 
     Args:
-        grads: non-empty sequence of dense gradients, on one device or several.
+        grads: dense gradients, on one device or several.
+        foreach: ``True``: ``torch._foreach_norm`` (one launch on CUDA); ``False``: a loop of BLAS dot products in
+            reverse order, about twice as fast on CPU and leaving the first tensors in the cache for the pass that
+            follows; ``None``: by device.
 
     Returns:
-        The norm, on the device of ``grads[0]``. ``inf`` or ``nan`` when any entry is not finite.
+        The norm on the device of ``grads[0]`` (``inf``/``nan`` when an entry is not finite); ``None`` when
+        ``grads`` is empty.
     """
-    dtype = _accumulation_dtype(grads)
-    by_device: dict[torch.device, list[Tensor]] = {}
+    if not grads:
+        return None
+    if foreach is None:
+        foreach = _default_foreach(grads)
+    dtype = _acc_dtype(grads)
+    first_device = grads[0].device
+    per_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    device = grads[0].device
-    norms = [n.to(device) for group in by_device.values() for n in torch._foreach_norm(group, 2.0, dtype=dtype)]
-    return torch.linalg.vector_norm(torch.stack(norms))
+        per_device.setdefault(g.device, []).append(g)
+    totals = []
+    for device_grads in per_device.values():
+        if foreach:
+            norms = _grad_norms(device_grads, foreach=True)
+            total = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2)
+        else:
+            # reversed: the update loop then starts on the gradients still in cache
+            total = torch.sqrt(torch.stack([_squared_norm(g).to(dtype) for g in reversed(device_grads)]).sum())
+        totals.append(total.to(first_device))
+    if len(totals) == 1:
+        return totals[0]
+    return torch.linalg.vector_norm(torch.stack(totals), 2)
 
 
 #: Integer views of the float dtypes: ``bits & 0`` is ``+0.0`` whatever the float was (``nan`` and ``inf`` too),
@@ -106,10 +175,10 @@ def scale_grads_(grads: Sequence[Tensor], coef: Tensor, *, zero_nonfinite: bool,
         coef: 0-d tensor on the gradients' device (float32 or wider); a ``bf16`` gradient times it stays ``bf16``.
         zero_nonfinite: make every entry ``+0.0`` when ``coef == 0`` (finite or not).
         foreach: ``True`` for the multi-tensor kernel, ``False`` for the for-loop, ``None`` to pick by device
-            (for-loop on CPU, multi-tensor elsewhere).
+            (multi-tensor where torch has native foreach kernels, as on CUDA; for-loop elsewhere).
     """
     if foreach is None:
-        foreach = grads[0].device.type != "cpu"
+        foreach = _default_foreach(list(grads))
     masks: dict[tuple[torch.dtype, torch.device], Tensor | None] = {}
 
     def mask_for(g: Tensor) -> Tensor | None:
@@ -295,7 +364,8 @@ def clip_grads_(
     Returns:
         The step's :class:`ClipStats`.
     """
-    norm = global_grad_norm(grads)
+    norm = global_grad_norm(grads, foreach=foreach)
+    assert norm is not None, "clip_grads_ needs at least one gradient"
     if grad_scale is not None:
         norm = norm / grad_scale.to(norm)
     finite = torch.isfinite(norm)
@@ -308,7 +378,7 @@ def clip_grads_(
         clipped = finite & (torch.stack(torch._foreach_norm(grads, math.inf)).amax() > bound)
         torch._foreach_clamp_min_(grads, -bound)
         torch._foreach_clamp_max_(grads, bound)
-        post = global_grad_norm(grads)
+        post = global_grad_norm(grads, foreach=foreach)
         coef = torch.where(norm > 0, post / norm.clamp_min(TINY), 1.0)
         coef = torch.where(finite, coef, 0.0 if zero else 1.0).to(torch.float32)
         scale_grads_(grads, torch.where(finite, 1.0, coef), zero_nonfinite=zero, foreach=foreach)

@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from lightning_clip.functional import _acc_dtype, _default_foreach, _grad_norms, _squared_norm, global_grad_norm
+
 __all__ = [
     "SmoothedSignSGD",
     "SmoothedNormSGD",
@@ -58,37 +60,6 @@ NORM_KINDS: Tuple[str, ...] = ("global", "tensor", "rms")
 
 NormKind = Literal["global", "tensor", "rms"]
 
-try:  # the device types that have native multi-tensor (foreach) kernels
-    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
-
-    _FOREACH_DEVICES: Tuple[str, ...] = tuple(_get_foreach_kernels_supported_devices())
-except Exception:  # pragma: no cover - older / newer torch
-    _FOREACH_DEVICES = ("cuda", "xpu")
-
-
-# --------------------------------------------------------------------------- #
-# helpers
-# --------------------------------------------------------------------------- #
-def _default_foreach(tensors: List[Tensor]) -> bool:
-    """Default kernel choice: multi-tensor on accelerators, for-loop elsewhere.
-
-    On CPU the single-tensor loop is faster: each ``torch._foreach_*`` op walks
-    all tensors once, so a chain of foreach ops streams every tensor through
-    memory once per op and loses the cache, while the loop applies the whole
-    chain to one tensor while it is still hot (see
-    ``benchmarks/bench_optimizers.py``).  On CUDA (and other devices with native
-    foreach kernels) the multi-tensor path wins by launching far fewer kernels.
-    """
-    if torch.jit.is_scripting():
-        return False
-    return len(tensors) > 0 and all(t.device.type in _FOREACH_DEVICES for t in tensors)
-
-
-def _acc_dtype(tensors: List[Tensor]) -> torch.dtype:
-    """Accumulation dtype for norms: float64 if any input is float64, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _bias_corrected_lr(lr: float, beta: float, step: int, bias_correction: bool) -> float:
     if not bias_correction:
         return lr
@@ -101,59 +72,6 @@ def _check_kernel_args(params: List[Tensor], grads: List[Tensor], bufs: List[Ten
             "params, grads, momentum_buffers and state_steps must have the same length, got "
             f"{len(params)}, {len(grads)}, {len(bufs)}, {len(steps)}"
         )
-
-
-def _squared_norm(grad: Tensor) -> Tensor:
-    """``||grad||^2`` as a 0-d tensor, accumulated in at least float32.
-
-    Contiguous float32/float64 gradients go through ``torch.dot`` (a BLAS
-    reduction in the gradient's own precision, about twice as fast on CPU as
-    ``vector_norm``); other dtypes are upcast to float32 by ``vector_norm``.
-    """
-    if grad.dtype in (torch.float32, torch.float64) and grad.is_contiguous() and not grad.is_complex():
-        flat = grad.view(-1)
-        return torch.dot(flat, flat)
-    return torch.linalg.vector_norm(grad, 2, dtype=_acc_dtype([grad])).square()
-
-
-def _grad_norms(grads: List[Tensor], *, foreach: bool) -> List[Tensor]:
-    """Per-tensor L2 norms, accumulated in at least float32."""
-    if not grads:
-        return []
-    dtype = _acc_dtype(grads)
-    if foreach:
-        return list(torch._foreach_norm(grads, 2, dtype=dtype))
-    return [torch.sqrt(_squared_norm(g)) for g in grads]
-
-
-def global_grad_norm(grads: List[Tensor], *, foreach: Optional[bool] = None) -> Optional[Tensor]:
-    """L2 norm of the concatenation of ``grads`` (what ``clip_grad_norm_`` computes).
-
-    Accumulated in float32 (float64 if any gradient is float64).  Returns a 0-d
-    tensor on the device of the first gradient, ``None`` for an empty list.
-    Nothing is read back to the host.
-    """
-    if not grads:
-        return None
-    if foreach is None:
-        foreach = _default_foreach(grads)
-    dtype = _acc_dtype(grads)
-    first_device = grads[0].device
-    per_device: Dict[torch.device, List[Tensor]] = {}
-    for g in grads:
-        per_device.setdefault(g.device, []).append(g)
-    totals = []
-    for device_grads in per_device.values():
-        if foreach:
-            norms = _grad_norms(device_grads, foreach=True)
-            total = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2)
-        else:
-            # reversed: the update loop then starts on the gradients still in cache
-            total = torch.sqrt(torch.stack([_squared_norm(g).to(dtype) for g in reversed(device_grads)]).sum())
-        totals.append(total.to(first_device))
-    if len(totals) == 1:
-        return totals[0]
-    return torch.linalg.vector_norm(torch.stack(totals), 2)
 
 
 # --------------------------------------------------------------------------- #

@@ -1,0 +1,185 @@
+"""The TensorBoard artefacts: event files read with tensorboard's API, and a real ``tensorboard`` server."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import re
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_clip import AdaptiveGradientClipping
+from lightning_clip.dashboard import CONFIG_TAG
+from lightning_clip.monitor import UpdateSparsityMonitor
+from tests.conftest import TinyRegressor, read_scalars, regression_loader, trainer_kwargs
+from tests.test_callback import TwoOptimizers
+
+CLIP_TAGS = ["grad_norm", "threshold", "grad_norm_ema", "clip_coef", "clip_coef_min", "clipped_frac",
+             "nonfinite_steps", "update_sparsity"]
+
+
+def read_layout(log_dir):
+    """The custom-scalars layout of the run in ``log_dir`` (the first one written, as TensorBoard reads it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layouts = []
+    for path in sorted(glob.glob(os.path.join(str(log_dir), "events.out.tfevents.*"))):
+        acc = EventAccumulator(path, size_guidance={"tensors": 0})
+        acc.Reload()
+        if CONFIG_TAG in acc.Tags()["tensors"]:
+            for event in acc.Tensors(CONFIG_TAG):
+                layout = layout_pb2.Layout()
+                layout.ParseFromString(event.tensor_proto.string_val[0])
+                layouts.append(layout)
+    return layouts
+
+
+def charts(layout):
+    return {(c.title, ch.title): ch for c in layout.category for ch in c.chart}
+
+
+def test_event_files_hold_the_series_and_the_layout(tmp_path):
+    alpha, beta = 1.05, 0.7
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    cb = AdaptiveGradientClipping(alpha=alpha, beta=beta, sparsity_cumulative=True, histogram_every_n_steps=4)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=16, logger=logger, callbacks=[cb]))
+    trainer.fit(TinyRegressor(lr=0.1), regression_loader())
+    s = read_scalars(logger.log_dir)
+    for key in CLIP_TAGS + ["update_sparsity_cumulative"]:
+        assert f"clip/{key}" in s, key
+    assert all(math.isfinite(v) for vals in s.values() for _, v in vals)
+    # log_every_n_steps=1: threshold_t = alpha * m_(t-1), with m recomputed from the logged norms alone
+    norms = [v for _, v in s["clip/grad_norm"]]
+    thresholds = dict(s["clip/threshold"])
+    m = norms[0]
+    for t in range(1, 16):
+        assert thresholds[t] == pytest.approx(alpha * m, rel=1e-5)
+        m = beta * m + (1 - beta) * norms[t]
+    assert [step for step, _ in s["clip/update_sparsity"]] == list(range(16))
+    # the layout: written once, one section with norm vs threshold, the margin chart, coefficients, sparsity
+    (layout,) = read_layout(logger.log_dir)
+    c = charts(layout)
+    multiline = c[("clip", "gradient norm vs threshold")].multiline.tag
+    assert list(multiline) == ["^clip/grad_norm$", "^clip/threshold$", "^clip/grad_norm_ema$"]
+    series = c[("clip", "norm in the band [moving average, threshold]")].margin.series[0]
+    assert (series.value, series.lower, series.upper) == ("clip/grad_norm", "clip/grad_norm_ema", "clip/threshold")
+    assert list(c[("clip", "clip coefficient and clipped fraction")].multiline.tag) == [
+        "^clip/clip_coef$", "^clip/clip_coef_min$", "^clip/clipped_frac$"]
+    assert list(c[("clip", "update sparsity")].multiline.tag) == [
+        "^clip/update_sparsity$", "^clip/update_sparsity_cumulative$"]
+    # every pattern of the layout matches a logged tag
+    for chart in c.values():
+        for pattern in chart.multiline.tag:
+            assert any(re.match(pattern, tag) for tag in s), pattern
+    # the per-layer gradient-norm histograms, at their own cadence (steps 3, 7, 11, 15), over the 4 tensors
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (path,) = glob.glob(os.path.join(logger.log_dir, "events.out.tfevents.*"))
+    acc = EventAccumulator(path, size_guidance={"histograms": 0})
+    acc.Reload()
+    hist = acc.Histograms("clip/grad_norm_per_layer")
+    assert [h.step for h in hist] == [3, 7, 11, 15] and all(h.histogram_value.num == 4 for h in hist)
+
+
+def test_one_layout_per_run_merges_both_callbacks_and_optimizers(tmp_path):
+    logger = TensorBoardLogger(str(tmp_path), name="two")
+    callbacks = [AdaptiveGradientClipping(alpha=1.5), UpdateSparsityMonitor(cumulative=True)]
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, max_steps=-1, logger=logger, callbacks=callbacks)
+    )
+    trainer.fit(TwoOptimizers(), regression_loader())
+    (layout,) = read_layout(logger.log_dir)
+    sections = [c.title for c in layout.category]
+    assert sections == ["clip/Adam", "clip/SGD", "sparsity/Adam", "sparsity/SGD"]
+    c = charts(layout)
+    assert list(c[("clip/SGD", "gradient norm vs threshold")].multiline.tag)[0] == "^clip/SGD/grad_norm$"
+    tags = read_scalars(logger.log_dir)
+    for name in ("clip/Adam/update_sparsity", "clip/SGD/threshold", "sparsity/SGD/update_sparsity_cumulative"):
+        assert name in tags
+
+
+def test_other_loggers_get_the_scalars_and_no_layout(tmp_path):
+    csv = CSVLogger(str(tmp_path), name="csv")
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    cb = AdaptiveGradientClipping(alpha=1.5, histogram_every_n_steps=2)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=[csv, tb], callbacks=[cb]))
+    trainer.fit(TinyRegressor(), regression_loader())
+    import csv as csvlib
+
+    with open(os.path.join(csv.log_dir, "metrics.csv")) as f:
+        rows = list(csvlib.DictReader(f))
+    for key in CLIP_TAGS:
+        assert any(r.get(f"clip/{key}") for r in rows), key
+    assert len(read_layout(tb.log_dir)) == 1
+    assert "clip/update_sparsity" in read_scalars(tb.log_dir)
+    # CSV alone: no error, scalars only
+    only = CSVLogger(str(tmp_path), name="only")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, logger=only, callbacks=[UpdateSparsityMonitor()]))
+    trainer.fit(TinyRegressor(), regression_loader())
+    with open(os.path.join(only.log_dir, "metrics.csv")) as f:
+        assert sum(1 for r in csvlib.DictReader(f) if r.get("sparsity/update_sparsity")) == 4
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback only
+        return json.loads(r.read().decode())
+
+
+def test_tensorboard_server_serves_the_tags_and_the_layout(tmp_path):
+    logger = TensorBoardLogger(str(tmp_path / "logs"), name="run", version=0)
+    cb = AdaptiveGradientClipping(alpha=1.5)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=logger, callbacks=[cb]))
+    trainer.fit(TinyRegressor(), regression_loader())
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "logs"), "--host", "127.0.0.1",
+         "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        tags, layout = {}, {}
+        while time.monotonic() < deadline:
+            try:
+                tags = _get(f"{base}/data/plugin/scalars/tags")
+                layout = _get(f"{base}/data/plugin/custom_scalars/layout")
+                if tags.get("run/version_0") and layout.get("category"):
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, "tensorboard exited"
+            time.sleep(0.5)
+        run_tags = tags["run/version_0"]
+        for key in CLIP_TAGS:
+            assert f"clip/{key}" in run_tags, key
+        titles = {c["title"]: [ch["title"] for ch in c["chart"]] for c in layout["category"]}
+        assert "gradient norm vs threshold" in titles["clip"] and "update sparsity" in titles["clip"]
+        query = urllib.parse.urlencode({"tag": "clip/grad_norm", "run": "run/version_0"})
+        points = _get(f"{base}/data/plugin/scalars/scalars?{query}")
+        assert len(points) == 6 and all(math.isfinite(p[2]) for p in points)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
