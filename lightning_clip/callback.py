@@ -94,8 +94,11 @@ class AdaptiveGradientClipping(Callback):
 
             Under ``precision="16-mixed"`` with a ``GradScaler``, the scaler already skips such steps and lowers
             its scale; the callback then leaves the gradients alone and only keeps them out of its statistics.
-        foreach: kernel for the multiplication: ``None`` picks per device (for-loop on CPU, where it reuses the
-            cache; multi-tensor elsewhere).
+        foreach: kernel for the multiplication: ``None`` picks per device (multi-tensor where torch has native
+            foreach kernels, as on CUDA; the for-loop elsewhere, which on CPU reuses the cache).
+        fused: scale and zero each gradient in one ``torch.compile``-fused pass. Off by default: the first step
+            compiles (tens of seconds on CPU for a hundred tensors), which long runs amortise; afterwards the
+            callback costs what ``clip_grad_norm_`` does (``benchmarks/bench_clipping.py``).
         log_prefix: the metrics are ``{log_prefix}/grad_norm`` etc.; with several optimizers
             ``{log_prefix}/{OptimizerName}/grad_norm``.
         log_sparsity: also log ``{log_prefix}/update_sparsity`` at the logging steps: the fraction of the entries
@@ -137,6 +140,7 @@ class AdaptiveGradientClipping(Callback):
         warmup_steps: int = 0,
         nonfinite: NonFinitePolicy = "zero",
         foreach: bool | None = None,
+        fused: bool = False,
         log_prefix: str = "clip",
         log_sparsity: bool = True,
         sparsity_tol: float = DEFAULT_TOL,
@@ -171,6 +175,7 @@ class AdaptiveGradientClipping(Callback):
         self.warmup_steps = warmup_steps
         self.nonfinite = nonfinite
         self.foreach = foreach
+        self.fused = fused
         self.log_prefix = log_prefix
         self.log_sparsity = log_sparsity
         self.sparsity_tol = sparsity_tol
@@ -247,7 +252,8 @@ class AdaptiveGradientClipping(Callback):
         grad_scale = scaler._get_scale_async() if scaler is not None and _optimizer_handles_unscaling(optimizer) else None
         keep = scaler is not None or self.nonfinite != "zero"
         stats = clip_grads_(
-            grads, state, self.rule, nonfinite="keep" if keep else "zero", grad_scale=grad_scale, foreach=self.foreach
+            grads, state, self.rule, nonfinite="keep" if keep else "zero", grad_scale=grad_scale, foreach=self.foreach,
+            fused=self.fused,
         )
         self._last[index] = stats
         if scaler is None and self.nonfinite != "zero" and not bool(stats.finite):  # one sync, by choice
