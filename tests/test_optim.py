@@ -798,3 +798,39 @@ def test_jsonargparse_optimizer_callable(class_path, init_args, cls):
         assert _ids(opt.param_groups[1]["params"]) == _ids(
             [model[0].bias, model[1].weight, model[1].bias, model[2].bias]
         )
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (SmoothedSignSGD, {"lr": 0.1, "beta": 0.9}),
+        (SmoothedSignSGD, {"lr": 0.1, "beta": 0.8, "weight_decay": 0.1, "bias_correction": True, "maximize": True}),
+        (SmoothedNormSGD, {"lr": 0.1, "beta": 0.9, "norm": "global"}),
+        (SmoothedNormSGD, {"lr": 0.1, "beta": 0.7, "norm": "rms", "weight_decay": 0.05, "bias_correction": True}),
+    ],
+    ids=["sign", "sign-options", "norm-global", "norm-rms-options"],
+)
+def test_fused_kernel_matches_the_loop_in_float64(cls, kwargs):
+    """The compiled kernel against the for-loop one, including an lr change (no recompilation needed)."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    loop = [torch.nn.Parameter(t.clone()) for t in init]
+    fused = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_loop, opt_fused = cls(loop, foreach=False, **kwargs), cls(fused, fused=True, **kwargs)
+    for step in range(12):
+        if step == 6:
+            for opt in (opt_loop, opt_fused):
+                opt.param_groups[0]["lr"] *= 0.5
+        for a, b in zip(loop, fused):
+            g = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_loop.step()
+        opt_fused.step()
+        for a, b in zip(loop, fused):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_and_foreach_together_are_refused():
+    with pytest.raises(ValueError, match="fused=True and foreach=True"):
+        SmoothedSignSGD([torch.nn.Parameter(torch.zeros(2))], fused=True, foreach=True)

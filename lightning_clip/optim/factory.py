@@ -226,6 +226,7 @@ class SmoothedSignSGDFactory:
         bias_correction: divide the momentum by ``1 - beta^t``.
         maximize: maximise instead of minimise.
         foreach: kernel choice, see :class:`SmoothedSignSGD`.
+        fused: compiled kernel, see :class:`SmoothedSignSGD`.
         exclude_1d: no weight decay for parameters with ``ndim <= 1``.
         no_decay: name substrings excluded from weight decay (when names are
             available).
@@ -239,6 +240,7 @@ class SmoothedSignSGDFactory:
         bias_correction: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
+        fused: bool = False,
         exclude_1d: bool = True,
         no_decay: Sequence[str] = DEFAULT_NO_DECAY,
     ) -> None:
@@ -248,6 +250,7 @@ class SmoothedSignSGDFactory:
         self.bias_correction = bias_correction
         self.maximize = maximize
         self.foreach = foreach
+        self.fused = fused
         self.exclude_1d = exclude_1d
         self.no_decay = tuple(no_decay)
 
@@ -261,12 +264,13 @@ class SmoothedSignSGDFactory:
             bias_correction=self.bias_correction,
             maximize=self.maximize,
             foreach=self.foreach,
+            fused=self.fused,
         )
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(lr={self.lr}, beta={self.beta}, weight_decay={self.weight_decay}, "
-            f"bias_correction={self.bias_correction}, maximize={self.maximize}, foreach={self.foreach}, "
+            f"bias_correction={self.bias_correction}, maximize={self.maximize}, foreach={self.foreach}, fused={self.fused}, "
             f"exclude_1d={self.exclude_1d}, no_decay={self.no_decay})"
         )
 
@@ -285,6 +289,7 @@ class SmoothedNormSGDFactory:
         bias_correction: divide the momentum by ``1 - beta^t``.
         maximize: maximise instead of minimise.
         foreach: kernel choice, see :class:`SmoothedNormSGD`.
+        fused: compiled kernel, see :class:`SmoothedNormSGD`.
         exclude_1d: no weight decay for parameters with ``ndim <= 1``.
         no_decay: name substrings excluded from weight decay (when names are
             available).
@@ -300,6 +305,7 @@ class SmoothedNormSGDFactory:
         bias_correction: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
+        fused: bool = False,
         exclude_1d: bool = True,
         no_decay: Sequence[str] = DEFAULT_NO_DECAY,
     ) -> None:
@@ -311,6 +317,7 @@ class SmoothedNormSGDFactory:
         self.bias_correction = bias_correction
         self.maximize = maximize
         self.foreach = foreach
+        self.fused = fused
         self.exclude_1d = exclude_1d
         self.no_decay = tuple(no_decay)
 
@@ -326,13 +333,14 @@ class SmoothedNormSGDFactory:
             bias_correction=self.bias_correction,
             maximize=self.maximize,
             foreach=self.foreach,
+            fused=self.fused,
         )
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(lr={self.lr}, beta={self.beta}, norm={self.norm!r}, eps={self.eps}, "
             f"weight_decay={self.weight_decay}, bias_correction={self.bias_correction}, "
-            f"maximize={self.maximize}, foreach={self.foreach}, exclude_1d={self.exclude_1d}, "
+            f"maximize={self.maximize}, foreach={self.foreach}, fused={self.fused}, exclude_1d={self.exclude_1d}, "
             f"no_decay={self.no_decay})"
         )
 
@@ -360,6 +368,7 @@ class GroupedSmoothedSignSGD(SmoothedSignSGD):
         bias_correction: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
+        fused: bool = False,
         exclude_1d: bool = True,
         no_decay: Sequence[str] = DEFAULT_NO_DECAY,
     ) -> None:
@@ -372,6 +381,7 @@ class GroupedSmoothedSignSGD(SmoothedSignSGD):
             bias_correction=bias_correction,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
         )
 
 
@@ -393,6 +403,7 @@ class GroupedSmoothedNormSGD(SmoothedNormSGD):
         bias_correction: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
+        fused: bool = False,
         exclude_1d: bool = True,
         no_decay: Sequence[str] = DEFAULT_NO_DECAY,
     ) -> None:
@@ -407,4 +418,5 @@ class GroupedSmoothedNormSGD(SmoothedNormSGD):
             bias_correction=bias_correction,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
         )
