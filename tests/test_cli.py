@@ -138,3 +138,15 @@ def test_unknown_optimizer_argument_is_rejected(tmp_path):
     with pytest.raises(SystemExit):
         build_cli(["fit", "--config", os.path.join(ROOT, "configs", "adam_adaptive.yaml"), *_quick(tmp_path),
                    "--optimizer", "lightning_clip.SmoothedSignSGD", "--optimizer.betaa", "0.9"])
+
+
+def test_lightning_lr_scheduler_drives_the_smoothed_optimizer(tmp_path):
+    args = [a for a in _quick(tmp_path) if not a.startswith(("--trainer.max_steps", "--trainer.max_epochs"))]
+    cli = build_cli(
+        ["fit", "--config", os.path.join(ROOT, "configs", "smoothed_signsgd.yaml"), *args,
+         "--trainer.max_epochs=3", "--trainer.limit_train_batches=2",
+         "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size=1", "--lr_scheduler.gamma=0.5"]
+    )
+    (opt,) = cli.trainer.optimizers
+    assert cli.trainer.global_step == 6
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005 * 0.5**3)
