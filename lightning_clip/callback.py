@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks.callback import Callback
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
-from lightning_clip.dashboard import Layout, clipping_layout, log_histogram, metric_tag, write_layout
+from lightning_clip.dashboard import Layout, clipping_layout, log_histogram, metric_tag, optimizer_names, write_layout
 from lightning_clip.functional import ClipMode, ClipRule, ClipState, ClipStats, clip_grads_
 from lightning_clip.monitor import SPARSITY_METRICS, _SparsityLogging
 from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, _check_relative_to, _check_tol
@@ -36,16 +36,6 @@ METRICS: dict[str, str] = {
     **SPARSITY_METRICS,
 }
 _CLIP_KEYS = ("grad_norm", "threshold", "grad_norm_ema", "clip_coef", "clip_coef_min", "clipped_frac", "nonfinite_steps")
-
-
-def _optimizer_names(optimizers: list[Optimizer]) -> list[str]:
-    """``Adam``, ``SGD``, and ``Adam-1`` for a second Adam (the naming of ``LearningRateMonitor``)."""
-    names: list[str] = []
-    for opt in optimizers:
-        base = type(opt).__name__
-        count = sum(1 for n in names if n == base or n.startswith(f"{base}-"))
-        names.append(base if count == 0 else f"{base}-{count}")
-    return names
 
 
 class AdaptiveGradientClipping(Callback):
@@ -219,7 +209,7 @@ class AdaptiveGradientClipping(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._names = _optimizer_names(trainer.optimizers)
+        self._names = optimizer_names(trainer.optimizers)
         if self.dashboard:
             write_layout(trainer)
         scaler = self._scaler(trainer)
@@ -302,7 +292,7 @@ class AdaptiveGradientClipping(Callback):
         """This callback's part of the run's custom-scalars layout: one section per optimizer."""
         if not self.dashboard:
             return {}
-        names = _optimizer_names(trainer.optimizers)
+        names = optimizer_names(trainer.optimizers)
         layout: Layout = {}
         for index in range(len(names)):
             category = metric_tag(self.log_prefix, names, index, "").rstrip("/")

@@ -186,6 +186,22 @@ def smoothed_sign_sgd(
 # --------------------------------------------------------------------------- #
 # Smoothed NormSGD kernels
 # --------------------------------------------------------------------------- #
+def _global_coef(grads: List[Tensor], global_norm: Optional[Tensor], eps: float, signed: float) -> Tensor:
+    """``±(1 - beta) / max(||G||, eps)`` over all ``grads`` as a 0-d tensor: no host synchronisation."""
+    if global_norm is None:
+        global_norm = global_grad_norm(grads, foreach=False)
+    assert global_norm is not None
+    return torch.reciprocal(global_norm.clamp_min(eps)).mul_(signed)
+
+
+def _tensor_coef(grad: Tensor, norm: str, eps: float, signed: float) -> Tensor:
+    """``±(1 - beta) / max(N(grad), eps)`` for the per-tensor norms ``"tensor"`` and ``"rms"``."""
+    n = torch.sqrt(_squared_norm(grad))
+    if norm == "rms":
+        n = n.mul_(1.0 / math.sqrt(max(grad.numel(), 1)))
+    return torch.reciprocal(n.clamp_min_(eps)).mul_(signed)
+
+
 def _single_tensor_smoothed_norm(
     params: List[Tensor],
     grads: List[Tensor],
@@ -213,11 +229,7 @@ def _single_tensor_smoothed_norm(
     signed = -(1.0 - beta) if maximize else (1.0 - beta)
     coef_global: Optional[Tensor] = None
     if norm == "global":
-        if global_norm is None:
-            global_norm = global_grad_norm(grads, foreach=False)
-        assert global_norm is not None
-        # (1 - beta) / max(||G||, eps) as a 0-d tensor: no host synchronisation
-        coef_global = torch.reciprocal(global_norm.clamp_min(eps)).mul_(signed)
+        coef_global = _global_coef(grads, global_norm, eps, signed)
     elif norm not in NORM_KINDS:
         raise ValueError(f"Invalid norm value: {norm!r}")
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
@@ -226,10 +238,7 @@ def _single_tensor_smoothed_norm(
         if coef_global is not None:
             coef = coef_global if coef_global.device == grad.device else coef_global.to(grad.device)
         else:
-            n = torch.sqrt(_squared_norm(grad))
-            if norm == "rms":
-                n = n.mul_(1.0 / math.sqrt(max(grad.numel(), 1)))
-            coef = torch.reciprocal(n.clamp_min_(eps)).mul_(signed)
+            coef = _tensor_coef(grad, norm, eps, signed)
         # buf = beta * buf + (1 - beta) * grad / max(||grad||, eps)
         buf.mul_(beta).addcmul_(grad, coef)
         param.add_(buf, alpha=-_bias_corrected_lr(lr, beta, step, bias_correction))
@@ -431,18 +440,10 @@ def _fused_smoothed_norm(
         return
     signed = -(1.0 - beta) if maximize else (1.0 - beta)
     if norm == "global":
-        if global_norm is None:
-            global_norm = global_grad_norm(grads, foreach=False)
-        assert global_norm is not None
-        coef = torch.reciprocal(global_norm.clamp_min(eps)).mul_(signed)
+        coef = _global_coef(grads, global_norm, eps, signed)
         coefs = [coef.to(g.device) for g in grads]
     elif norm in NORM_KINDS:
-        coefs = []
-        for grad in grads:
-            n = torch.sqrt(_squared_norm(grad))
-            if norm == "rms":
-                n = n.mul_(1.0 / math.sqrt(max(grad.numel(), 1)))
-            coefs.append(torch.reciprocal(n.clamp_min_(eps)).mul_(signed))
+        coefs = [_tensor_coef(grad, norm, eps, signed) for grad in grads]
     else:
         raise ValueError(f"Invalid norm value: {norm!r}")
     step_sizes = _step_size_tensors(params, state_steps, lr, beta, bias_correction)
