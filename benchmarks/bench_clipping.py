@@ -139,7 +139,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_kernels(rounds=5 if args.quick else 30)
-    bench_trainer(rounds=1 if args.quick else 3, steps=8 if args.quick else 20)
+    bench_trainer(rounds=1 if args.quick else 6, steps=8 if args.quick else 25)
 
 
 if __name__ == "__main__":
