@@ -59,7 +59,7 @@ class AdaptiveGradientClipping(Callback):
     ``nonfinite="zero"``.
 
     Defaults: ``alpha=3.8, beta=0.918`` are the values an Optuna search (30 trials) picked for Adam on an MLP
-    over mnist1d at lr 0.04 (``examples/tune.py`` reruns it). With ``beta=0.918`` the average forgets with a
+    over mnist1d at lr 0.04 (``examples/tune.py`` reruns such a search). With ``beta=0.918`` the average forgets with a
     half-life of about 8 steps, and ``alpha=3.8`` leaves ordinary steps untouched while a spike is cut back to
     3.8 times the recent norm. For per-step control (aggressive clipping), use ``alpha < 1``.
 
