@@ -119,14 +119,22 @@ def bench_trainer(rounds: int, steps: int) -> None:
             clip = {"gradient_clip_val": 1.0} if name.startswith("gradient") else {}
             callbacks = [timer] if clip else [timer, AdaptiveGradientClipping()]
             trainer = pl.Trainer(
-                accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **clip,
+                accelerator="cpu",
+                max_steps=steps,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=callbacks,
+                **clip,
             )
             trainer.fit(model, data)
             results[name].extend(timer.times[2:])  # the first steps allocate the optimizer state
     med = {k: statistics.median(v) * 1e3 for k, v in results.items()}
-    print(f"\n2. Whole Trainer step (MLP, {n / 1e6:.1f}M parameters, Adam, batch 32), median of "
-          f"{len(results['gradient_clip_val=1.0'])} steps per variant")
+    print(
+        f"\n2. Whole Trainer step (MLP, {n / 1e6:.1f}M parameters, Adam, batch 32), median of "
+        f"{len(results['gradient_clip_val=1.0'])} steps per variant"
+    )
     base = med["gradient_clip_val=1.0"]
     for name, value in med.items():
         print(f"{name:40s} {value:8.2f} ms {value / base:7.3f}x")

@@ -26,7 +26,7 @@ Usage::
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -135,10 +135,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         inner = opt
         mem = state_bytes(inner) / param_bytes  # type: ignore[arg-type]
         rows.append((name, med[name] * 1e3, med[name] / base, mem))
-        print(
-            f"{name:44s} {med[name] * 1e3:10.2f} {min(times[name]) * 1e3:8.2f} "
-            f"{med[name] / base:8.2f}x {mem:12.2f}x"
-        )
+        print(f"{name:44s} {med[name] * 1e3:10.2f} {min(times[name]) * 1e3:8.2f} {med[name] / base:8.2f}x {mem:12.2f}x")
 
     def ratio(a: str, b: str) -> str:
         return f"{med[a] / med[b]:.2f}" if a in med and b in med else "n/a"
@@ -150,7 +147,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"  SmoothedNormSGD(global) / SGD-momentum = {med[norm] / base:.2f}  (target <= 1.30)")
     for other in ("pytorch_optimizer.SignSGD", "pytorch_optimizer.Lion"):
         if other in med:
-            print(f"  SmoothedSignSGD / {other} = {ratio(sign, other)}; SmoothedNormSGD / {other} = {ratio(norm, other)}")
+            print(
+                f"  SmoothedSignSGD / {other} = {ratio(sign, other)}; SmoothedNormSGD / {other} = {ratio(norm, other)}"
+            )
     if args.compile:
         print(
             "  compiled SmoothedSignSGD / Adam(fused) = "

@@ -34,9 +34,17 @@ LOG_EVERY = 10
 class _Wide(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                                 nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                                 nn.Linear(1024, 512))
+        self.net = nn.Sequential(
+            nn.Linear(512, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 512),
+        )
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -81,8 +89,10 @@ def bench_cost(steps: int) -> None:
     torch.manual_seed(0)
     x, y = torch.randn(steps * 64, 512), torch.randn(steps * 64, 512)
     n_params = sum(p.numel() for p in _Wide().parameters())
-    print(f"\n== cost: MLP of {n_params / 1e6:.2f}M float32 parameters ({n_params * 4 / 2**20:.1f} MiB), Adam, "
-          f"batch 64, {steps} steps, log_every_n_steps={LOG_EVERY}, {torch.get_num_threads()} threads ==")
+    print(
+        f"\n== cost: MLP of {n_params / 1e6:.2f}M float32 parameters ({n_params * 4 / 2**20:.1f} MiB), Adam, "
+        f"batch 64, {steps} steps, log_every_n_steps={LOG_EVERY}, {torch.get_num_threads()} threads =="
+    )
     variants = {
         "log_sparsity=False": dict(log_sparsity=False),
         "log_sparsity=True (default)": dict(),
@@ -96,8 +106,13 @@ def bench_cost(steps: int) -> None:
             timer = _Timer(clip)
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = pl.Trainer(
-                    accelerator="cpu", max_steps=steps, logger=pl.loggers.CSVLogger(tmp), log_every_n_steps=LOG_EVERY,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    accelerator="cpu",
+                    max_steps=steps,
+                    logger=pl.loggers.CSVLogger(tmp),
+                    log_every_n_steps=LOG_EVERY,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
                     callbacks=[clip, timer, _AfterBatch(timer)],
                 )
                 trainer.fit(_Wide(), DataLoader(TensorDataset(x, y), batch_size=64))
@@ -110,14 +125,18 @@ def bench_cost(steps: int) -> None:
                     timer.held_in[k] |= prev.held_in[k]
                 timer.held_after |= prev.held_after
             results[name] = timer
-    print(f"{'':30s} {'non-logging step':>17s} {'logging step':>13s} {'held in step (non-log / log)':>30s}"
-          f" {'held after step':>16s}")
+    print(
+        f"{'':30s} {'non-logging step':>17s} {'logging step':>13s} {'held in step (non-log / log)':>30s}"
+        f" {'held after step':>16s}"
+    )
     for name, t in results.items():
         non = statistics.median(t.times[False][2:]) * 1e3
         log = statistics.median(t.times[True][1:]) * 1e3
         held = lambda s: "/".join(f"{b / 2**20:.1f}" for b in sorted(s))  # noqa: E731
-        print(f"{name:30s} {non:14.1f} ms {log:10.1f} ms {held(t.held_in[False]) + ' / ' + held(t.held_in[True]) + ' MiB':>30s}"
-              f" {held(t.held_after) + ' MiB':>16s}")
+        print(
+            f"{name:30s} {non:14.1f} ms {log:10.1f} ms {held(t.held_in[False]) + ' / ' + held(t.held_in[True]) + ' MiB':>30s}"
+            f" {held(t.held_after) + ' MiB':>16s}"
+        )
 
 
 def _mnist1d_run(kind: str, epochs: int) -> dict[str, float]:
@@ -144,8 +163,13 @@ def _mnist1d_run(kind: str, epochs: int) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
-            accelerator="cpu", max_epochs=epochs, logger=pl.loggers.CSVLogger(tmp), log_every_n_steps=LOG_EVERY,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=pl.loggers.CSVLogger(tmp),
+            log_every_n_steps=LOG_EVERY,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
             callbacks=[cb, Collect()],
         )
         trainer.fit(model, MNIST1DDataModule(batch_size=100))
@@ -161,8 +185,10 @@ def _mnist1d_run(kind: str, epochs: int) -> dict[str, float]:
 
 
 def bench_mnist1d(epochs: int) -> None:
-    print(f"\n== mnist1d MLP (40-100-100-10), lr 0.01, batch 100, {epochs} epochs ({epochs * 40} steps), "
-          f"sparsity logged every {LOG_EVERY} steps, tol 0.1 (|dw| <= 0.1 lr) ==")
+    print(
+        f"\n== mnist1d MLP (40-100-100-10), lr 0.01, batch 100, {epochs} epochs ({epochs * 40} steps), "
+        f"sparsity logged every {LOG_EVERY} steps, tol 0.1 (|dw| <= 0.1 lr) =="
+    )
     print(f"{'':24s} {'mean':>6s} {'first log':>9s} {'last 4 logs':>11s} {'cumulative mean':>15s} {'val acc':>8s}")
     for kind in ("adam", "adam+value-clip 1e-3", "smoothed-signsgd"):
         r = _mnist1d_run(kind, epochs)

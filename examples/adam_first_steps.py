@@ -48,8 +48,13 @@ def run(clip: bool, epochs: int, spike_at: tuple[int, ...], spike_scale: float, 
     model = SpikedClassifier(spike_at=spike_at, spike_scale=spike_scale)
     callbacks = [AdaptiveGradientClipping(max_norm=10.0)] if clip else []
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks,
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     trainer.fit(model, MNIST1DDataModule(seed=42))
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -37,8 +37,14 @@ def curve(lr: float, clip: dict, epochs: int, seed: int = 0) -> list[float]:
     pl.seed_everything(seed, verbose=False)
     history = _History()
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[AdaptiveGradientClipping(**clip), history],
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[AdaptiveGradientClipping(**clip), history],
     )
     trainer.fit(MNIST1DClassifier(lr=lr), MNIST1DDataModule(seed=42))
     return history.val_loss
@@ -51,7 +57,10 @@ def main() -> None:
     parser.add_argument("--out", default="examples/out")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    curves = {name: [curve(s["lr"], s["clip"], args.epochs, seed) for seed in range(args.seeds)] for name, s in SETTINGS.items()}
+    curves = {
+        name: [curve(s["lr"], s["clip"], args.epochs, seed) for seed in range(args.seeds)]
+        for name, s in SETTINGS.items()
+    }
     with open(os.path.join(args.out, "compare_fixed_adaptive.json"), "w") as f:
         json.dump(curves, f, indent=1)
     for name, runs in curves.items():

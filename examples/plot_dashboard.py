@@ -40,8 +40,12 @@ def train(root: str, epochs: int) -> str:
     pl.seed_everything(0, verbose=False)
     logger = TensorBoardLogger(root, name="", version=None)
     trainer = pl.Trainer(
-        max_epochs=epochs, logger=logger, log_every_n_steps=5, enable_checkpointing=False,
-        enable_progress_bar=False, callbacks=[AdaptiveGradientClipping(sparsity_cumulative=True)],
+        max_epochs=epochs,
+        logger=logger,
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[AdaptiveGradientClipping(sparsity_cumulative=True)],
     )
     trainer.fit(MNIST1DClassifier(lr=0.04), MNIST1DDataModule())
     return logger.log_dir

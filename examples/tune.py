@@ -23,8 +23,14 @@ from lightning_clip.demo import MNIST1DClassifier, MNIST1DDataModule
 def val_loss(lr: float, clip: dict, epochs: int) -> float:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[AdaptiveGradientClipping(**clip)],
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[AdaptiveGradientClipping(**clip)],
     )
     trainer.fit(MNIST1DClassifier(lr=lr), MNIST1DDataModule(seed=42))
     loss = float(trainer.callback_metrics["val/loss"])
@@ -53,7 +59,7 @@ def main() -> None:
     best = {}
     for name, objective in (("fixed", fixed), ("adaptive", adaptive)):
         study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=0))
-        study.optimize(lambda t: objective(t, args.epochs), n_trials=args.trials)
+        study.optimize(lambda t, objective=objective: objective(t, args.epochs), n_trials=args.trials)
         best[name] = {"val_loss": study.best_value, **study.best_params}
     print(json.dumps(best, indent=2))
 

@@ -35,7 +35,15 @@ METRICS: dict[str, str] = {
     "nonfinite_steps": "steps since the last log whose norm was inf or nan",
     **SPARSITY_METRICS,
 }
-_CLIP_KEYS = ("grad_norm", "threshold", "grad_norm_ema", "clip_coef", "clip_coef_min", "clipped_frac", "nonfinite_steps")
+_CLIP_KEYS = (
+    "grad_norm",
+    "threshold",
+    "grad_norm_ema",
+    "clip_coef",
+    "clip_coef_min",
+    "clipped_frac",
+    "nonfinite_steps",
+)
 
 
 class AdaptiveGradientClipping(Callback):
@@ -239,10 +247,17 @@ class AdaptiveGradientClipping(Callback):
             log_histogram(trainer, self.metric_name("grad_norm_per_layer", index), per_layer, self._step(trainer))
         state = self._state(index, grads[0].device)
         scaler = self._scaler(trainer)
-        grad_scale = scaler._get_scale_async() if scaler is not None and _optimizer_handles_unscaling(optimizer) else None
+        grad_scale = (
+            scaler._get_scale_async() if scaler is not None and _optimizer_handles_unscaling(optimizer) else None
+        )
         keep = scaler is not None or self.nonfinite != "zero"
         stats = clip_grads_(
-            grads, state, self.rule, nonfinite="keep" if keep else "zero", grad_scale=grad_scale, foreach=self.foreach,
+            grads,
+            state,
+            self.rule,
+            nonfinite="keep" if keep else "zero",
+            grad_scale=grad_scale,
+            foreach=self.foreach,
             fused=self.fused,
         )
         self._last[index] = stats

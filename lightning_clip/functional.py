@@ -145,7 +145,12 @@ def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool | None = None) ->
 
 #: Integer views of the float dtypes: ``bits & 0`` is ``+0.0`` whatever the float was (``nan`` and ``inf`` too),
 #: and ``bits & ~0`` leaves it bit for bit, which makes zeroing a step cheaper than ``nan_to_num``.
-_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_BITS = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def _keep_mask(coef: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor | None:
@@ -274,7 +279,9 @@ class ClipRule:
             raise ValueError(f"Invalid warmup_steps: {self.warmup_steps!r}; expected an integer >= 0")
         if self.mode == "adaptive":
             if self.clip_val is not None:
-                raise ValueError(f"Invalid clip_val: {self.clip_val!r}; mode='adaptive' takes alpha and beta, not clip_val")
+                raise ValueError(
+                    f"Invalid clip_val: {self.clip_val!r}; mode='adaptive' takes alpha and beta, not clip_val"
+                )
         else:
             if self.clip_val is None or not (
                 isinstance(self.clip_val, (int, float)) and math.isfinite(self.clip_val) and self.clip_val > 0
@@ -402,7 +409,9 @@ def clip_grads_(
     if rule.mode == "value":
         bound = float(rule.clip_val)  # type: ignore[arg-type]
         if grad_scale is not None:
-            raise ValueError("mode='value' cannot clip gradients that are still loss-scaled (fused optimizer + GradScaler)")
+            raise ValueError(
+                "mode='value' cannot clip gradients that are still loss-scaled (fused optimizer + GradScaler)"
+            )
         clipped = finite & (torch.stack(torch._foreach_norm(grads, math.inf)).amax() > bound)
         torch._foreach_clamp_min_(grads, -bound)
         torch._foreach_clamp_max_(grads, bound)

@@ -271,9 +271,7 @@ class UpdateSparsityTracker:
     # --------------------------------------------------------- cumulative
     def start_window(self) -> None:
         """Copy every trainable parameter of the optimizer (reusing the previous copy's memory) and reset ``S_g``."""
-        params = [
-            (p, gi) for gi, g in enumerate(self.optimizer.param_groups) for p in g["params"] if p.requires_grad
-        ]
+        params = [(p, gi) for gi, g in enumerate(self.optimizer.param_groups) for p in g["params"] if p.requires_grad]
         old = self._window
         if old is not None and len(old) == len(params) and all(a is p for (a, _, _), (p, _) in zip(old, params)):
             for p, copy, _ in old:

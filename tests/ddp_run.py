@@ -34,8 +34,15 @@ def main(out: str, devices: int, batch_size: int) -> None:
     model = Sharded(devices, batch_size)
     cb = AdaptiveGradientClipping(alpha=1.1, beta=0.7)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=6, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
         use_distributed_sampler=False,
     )
     trainer.fit(model)

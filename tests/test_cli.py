@@ -56,7 +56,9 @@ def test_config_fits_and_logs_clipping(config, tmp_path):
     clips = [c for c in cli.trainer.callbacks if isinstance(c, AdaptiveGradientClipping)]
     with open(config) as f:
         written = yaml.safe_load(f)
-    wanted = [c for c in written["trainer"].get("callbacks", []) if c["class_path"].endswith("AdaptiveGradientClipping")]
+    wanted = [
+        c for c in written["trainer"].get("callbacks", []) if c["class_path"].endswith("AdaptiveGradientClipping")
+    ]
     assert len(clips) == len(wanted)
     for cb, spec in zip(clips, wanted):
         for key, value in spec.get("init_args", {}).items():
@@ -86,8 +88,13 @@ def test_cli_arguments_reach_the_callback(tmp_path):
 def test_bad_callback_argument_fails_before_training(tmp_path, capsys):
     with pytest.raises((SystemExit, ValueError)):
         build_cli(
-            ["fit", "--config", os.path.join(ROOT, "configs", "adam_adaptive.yaml"), *_quick(tmp_path),
-             "--trainer.callbacks.init_args.beta=1.5"]
+            [
+                "fit",
+                "--config",
+                os.path.join(ROOT, "configs", "adam_adaptive.yaml"),
+                *_quick(tmp_path),
+                "--trainer.callbacks.init_args.beta=1.5",
+            ]
         )
     assert not (tmp_path / "runs").exists() or not glob.glob(str(tmp_path / "runs" / "**" / "events.*"), recursive=True)
 
@@ -101,7 +108,10 @@ def test_console_script_main_job(tmp_path):
         exe_cmd = [exe]
     out = subprocess.run(
         [*exe_cmd, "fit", "--config", os.path.join(ROOT, "configs", "adam_adaptive.yaml"), *_quick(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "tensorboard --logdir" in out.stdout
@@ -111,14 +121,40 @@ def test_console_script_main_job(tmp_path):
 @pytest.mark.parametrize(
     ("args", "cls", "expected"),
     [
-        (["--optimizer", "lightning_clip.SmoothedSignSGD", "--optimizer.lr", "0.05"], "SmoothedSignSGD",
-         {"lr": 0.05, "beta": 0.9}),
-        (["--optimizer", "lightning_clip.SmoothedNormSGD", "--optimizer.lr", "0.3", "--optimizer.norm", "tensor"],
-         "SmoothedNormSGD", {"lr": 0.3, "norm": "tensor"}),
-        (["--model.optimizer", "lightning_clip.SmoothedSignSGD", "--model.optimizer.lr", "0.02",
-          "--model.optimizer.beta", "0.8"], "SmoothedSignSGD", {"lr": 0.02, "beta": 0.8}),
-        (["--optimizer", "lightning_clip.GroupedSmoothedSignSGD", "--optimizer.lr", "0.05",
-          "--optimizer.weight_decay", "0.1"], "GroupedSmoothedSignSGD", {"lr": 0.05}),
+        (
+            ["--optimizer", "lightning_clip.SmoothedSignSGD", "--optimizer.lr", "0.05"],
+            "SmoothedSignSGD",
+            {"lr": 0.05, "beta": 0.9},
+        ),
+        (
+            ["--optimizer", "lightning_clip.SmoothedNormSGD", "--optimizer.lr", "0.3", "--optimizer.norm", "tensor"],
+            "SmoothedNormSGD",
+            {"lr": 0.3, "norm": "tensor"},
+        ),
+        (
+            [
+                "--model.optimizer",
+                "lightning_clip.SmoothedSignSGD",
+                "--model.optimizer.lr",
+                "0.02",
+                "--model.optimizer.beta",
+                "0.8",
+            ],
+            "SmoothedSignSGD",
+            {"lr": 0.02, "beta": 0.8},
+        ),
+        (
+            [
+                "--optimizer",
+                "lightning_clip.GroupedSmoothedSignSGD",
+                "--optimizer.lr",
+                "0.05",
+                "--optimizer.weight_decay",
+                "0.1",
+            ],
+            "GroupedSmoothedSignSGD",
+            {"lr": 0.05},
+        ),
     ],
     ids=["automatic-sign", "automatic-norm", "injected", "grouped"],
 )
@@ -136,16 +172,35 @@ def test_optimizer_selected_from_the_command_line(args, cls, expected, tmp_path)
 
 def test_unknown_optimizer_argument_is_rejected(tmp_path):
     with pytest.raises(SystemExit):
-        build_cli(["fit", "--config", os.path.join(ROOT, "configs", "adam_adaptive.yaml"), *_quick(tmp_path),
-                   "--optimizer", "lightning_clip.SmoothedSignSGD", "--optimizer.betaa", "0.9"])
+        build_cli(
+            [
+                "fit",
+                "--config",
+                os.path.join(ROOT, "configs", "adam_adaptive.yaml"),
+                *_quick(tmp_path),
+                "--optimizer",
+                "lightning_clip.SmoothedSignSGD",
+                "--optimizer.betaa",
+                "0.9",
+            ]
+        )
 
 
 def test_lightning_lr_scheduler_drives_the_smoothed_optimizer(tmp_path):
     args = [a for a in _quick(tmp_path) if not a.startswith(("--trainer.max_steps", "--trainer.max_epochs"))]
     cli = build_cli(
-        ["fit", "--config", os.path.join(ROOT, "configs", "smoothed_signsgd.yaml"), *args,
-         "--trainer.max_epochs=3", "--trainer.limit_train_batches=2",
-         "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size=1", "--lr_scheduler.gamma=0.5"]
+        [
+            "fit",
+            "--config",
+            os.path.join(ROOT, "configs", "smoothed_signsgd.yaml"),
+            *args,
+            "--trainer.max_epochs=3",
+            "--trainer.limit_train_batches=2",
+            "--lr_scheduler",
+            "torch.optim.lr_scheduler.StepLR",
+            "--lr_scheduler.step_size=1",
+            "--lr_scheduler.gamma=0.5",
+        ]
     )
     (opt,) = cli.trainer.optimizers
     assert cli.trainer.global_step == 6

@@ -25,8 +25,16 @@ from lightning_clip.monitor import UpdateSparsityMonitor
 from tests.conftest import TinyRegressor, read_scalars, regression_loader, trainer_kwargs
 from tests.test_callback import TwoOptimizers
 
-CLIP_TAGS = ["grad_norm", "threshold", "grad_norm_ema", "clip_coef", "clip_coef_min", "clipped_frac",
-             "nonfinite_steps", "update_sparsity"]
+CLIP_TAGS = [
+    "grad_norm",
+    "threshold",
+    "grad_norm_ema",
+    "clip_coef",
+    "clip_coef_min",
+    "clipped_frac",
+    "nonfinite_steps",
+    "update_sparsity",
+]
 
 
 def read_layout(log_dir):
@@ -76,9 +84,14 @@ def test_event_files_hold_the_series_and_the_layout(tmp_path):
     series = c[("clip", "norm in the band [moving average, threshold]")].margin.series[0]
     assert (series.value, series.lower, series.upper) == ("clip/grad_norm", "clip/grad_norm_ema", "clip/threshold")
     assert list(c[("clip", "clip coefficient and clipped fraction")].multiline.tag) == [
-        "^clip/clip_coef$", "^clip/clip_coef_min$", "^clip/clipped_frac$"]
+        "^clip/clip_coef$",
+        "^clip/clip_coef_min$",
+        "^clip/clipped_frac$",
+    ]
     assert list(c[("clip", "update sparsity")].multiline.tag) == [
-        "^clip/update_sparsity$", "^clip/update_sparsity_cumulative$"]
+        "^clip/update_sparsity$",
+        "^clip/update_sparsity_cumulative$",
+    ]
     # every pattern of the layout matches a logged tag
     for chart in c.values():
         for pattern in chart.multiline.tag:
@@ -96,9 +109,7 @@ def test_event_files_hold_the_series_and_the_layout(tmp_path):
 def test_one_layout_per_run_merges_both_callbacks_and_optimizers(tmp_path):
     logger = TensorBoardLogger(str(tmp_path), name="two")
     callbacks = [AdaptiveGradientClipping(alpha=1.5), UpdateSparsityMonitor(cumulative=True)]
-    trainer = pl.Trainer(
-        **trainer_kwargs(tmp_path, max_epochs=1, max_steps=-1, logger=logger, callbacks=callbacks)
-    )
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, max_steps=-1, logger=logger, callbacks=callbacks))
     trainer.fit(TwoOptimizers(), regression_loader())
     (layout,) = read_layout(logger.log_dir)
     sections = [c.title for c in layout.category]
@@ -150,9 +161,21 @@ def test_tensorboard_server_serves_the_tags_and_the_layout(tmp_path):
     trainer.fit(TinyRegressor(), regression_loader())
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "logs"), "--host", "127.0.0.1",
-         "--port", str(port), "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(tmp_path / "logs"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:

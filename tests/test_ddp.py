@@ -9,8 +9,17 @@ import sys
 
 import pytest
 
-_RANK_VARIABLES = {"LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "GROUP_RANK", "RANK", "MASTER_PORT",
-                   "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED"}
+_RANK_VARIABLES = {
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "WORLD_SIZE",
+    "GLOBAL_RANK",
+    "GROUP_RANK",
+    "RANK",
+    "MASTER_PORT",
+    "LOCAL_WORLD_SIZE",
+    "PL_GLOBAL_SEED",
+}
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_run.py")
 
 
@@ -25,11 +34,19 @@ def _run(tmp_path, devices: int, batch_size: int) -> list[dict]:
     for _attempt in range(3):  # another process may grab the free port between the check and the bind
         # a Trainer earlier in this process may have left its rank variables behind: the child must start clean
         base = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
-        env = {**base, "PL_DISABLE_FORK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-               "OMP_NUM_THREADS": "1"}
+        env = {
+            **base,
+            "PL_DISABLE_FORK": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "OMP_NUM_THREADS": "1",
+        }
         proc = subprocess.run(
             [sys.executable, SCRIPT, out, str(devices), str(batch_size)],
-            capture_output=True, text=True, timeout=300, env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
         )
         if "EADDRINUSE" not in proc.stderr:
             break

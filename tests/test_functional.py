@@ -232,7 +232,10 @@ def test_bad_settings_raise_naming_argument_and_value(kwargs, match):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("foreach", [True, False])
 def test_zeroing_works_bitwise_in_every_float_dtype(dtype, foreach):
-    grads = [torch.tensor([1.5, -2.0, float("nan")], dtype=dtype), torch.tensor([float("inf"), -float("inf")], dtype=dtype)]
+    grads = [
+        torch.tensor([1.5, -2.0, float("nan")], dtype=dtype),
+        torch.tensor([float("inf"), -float("inf")], dtype=dtype),
+    ]
     scale_grads_(grads, torch.tensor(0.0), zero_nonfinite=True, foreach=foreach)
     assert all(torch.equal(g, torch.zeros_like(g)) and not torch.signbit(g).any() for g in grads)
     finite = [torch.tensor([1.5, -2.0, 3.0], dtype=dtype)]

@@ -3,7 +3,7 @@
 import inspect
 import io
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import pytest
 import torch
@@ -255,8 +255,10 @@ def test_adam_on_value_clipped_grads_is_smoothed_sign(betas, eps):
     worst = 0.0
     for _ in range(steps):
         # |g| >= 0.1 > alpha for every entry, random signs
-        grads = [(0.1 + torch.rand(*s, generator=gen, dtype=F64)) * _sign(torch.randn(*s, generator=gen, dtype=F64))
-                 for s in shapes]
+        grads = [
+            (0.1 + torch.rand(*s, generator=gen, dtype=F64)) * _sign(torch.randn(*s, generator=gen, dtype=F64))
+            for s in shapes
+        ]
         before_a = [p.detach().clone() for p in pa]
         before_s = [p.detach().clone() for p in ps]
         for p, g in zip(pa, grads):
@@ -296,8 +298,9 @@ def _adam_vs_snsgd_cosines(grad_source, shapes, steps: int = 200, betas=(0.9, 0.
             p.grad = g.clone()
         adam.step()
         snsgd.step()
-        cos.append(_cosine([p.detach() - b for p, b in zip(pa, before_a)],
-                           [p.detach() - b for p, b in zip(pn, before_n)]))
+        cos.append(
+            _cosine([p.detach() - b for p, b in zip(pa, before_a)], [p.detach() - b for p, b in zip(pn, before_n)])
+        )
     return cos
 
 
@@ -319,9 +322,7 @@ def test_adam_on_norm_clipped_grads_vs_smoothed_norm_isotropic():
     mean > 0.98.
     """
     shapes = [(20, 25), (500,)]
-    cos = _adam_vs_snsgd_cosines(
-        lambda t, gen, w: [torch.randn(*s, generator=gen, dtype=F64) for s in shapes], shapes
-    )
+    cos = _adam_vs_snsgd_cosines(lambda t, gen, w: [torch.randn(*s, generator=gen, dtype=F64) for s in shapes], shapes)
     assert cos[0] == pytest.approx(math.sqrt(2 / math.pi), abs=0.03)
     assert min(cos[10:]) > 0.95, min(cos[10:])
     assert sum(cos) / len(cos) > 0.98
@@ -339,9 +340,7 @@ def test_adam_on_norm_clipped_grads_vs_smoothed_norm_anisotropic():
     """
     shapes = [(1000,)]
     scale = torch.logspace(-1, 1, 1000, dtype=F64)
-    cos = _adam_vs_snsgd_cosines(
-        lambda t, gen, w: [scale * torch.randn(1000, generator=gen, dtype=F64)], shapes
-    )
+    cos = _adam_vs_snsgd_cosines(lambda t, gen, w: [scale * torch.randn(1000, generator=gen, dtype=F64)], shapes)
     mean = sum(cos) / len(cos)
     assert 0.5 < mean < 0.8, mean
     assert min(cos) > 0.45, min(cos)
@@ -647,9 +646,7 @@ def test_one_state_buffer_per_parameter(opt_cls, bias_correction):
     assert state_bytes == param_bytes  # half of Adam's state
     adam = torch.optim.Adam(model.parameters())
     adam.step()
-    adam_bytes = sum(
-        v.numel() * v.element_size() for st in adam.state.values() for k, v in st.items() if k != "step"
-    )
+    adam_bytes = sum(v.numel() * v.element_size() for st in adam.state.values() for k, v in st.items() if k != "step")
     assert adam_bytes == 2 * param_bytes
 
 
@@ -663,8 +660,14 @@ def test_bfloat16_parameters():
 
 
 def test_signatures_are_explicit_and_typed():
-    for cls in (SmoothedSignSGD, SmoothedNormSGD, SmoothedSignSGDFactory, SmoothedNormSGDFactory,
-                GroupedSmoothedSignSGD, GroupedSmoothedNormSGD):
+    for cls in (
+        SmoothedSignSGD,
+        SmoothedNormSGD,
+        SmoothedSignSGDFactory,
+        SmoothedNormSGDFactory,
+        GroupedSmoothedSignSGD,
+        GroupedSmoothedNormSGD,
+    ):
         sig = inspect.signature(cls.__init__)
         for name, par in sig.parameters.items():
             if name == "self":
@@ -788,7 +791,11 @@ def test_jsonargparse_optimizer_callable(class_path, init_args, cls):
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_argument("--optimizer", type=Callable[[Iterable], torch.optim.Optimizer])
     cfg = parser.parse_args(["--optimizer", str({"class_path": class_path, "init_args": init_args}).replace("'", '"')])
-    make = parser.instantiate(cfg).optimizer if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg).optimizer
+    make = (
+        parser.instantiate(cfg).optimizer
+        if hasattr(parser, "instantiate")
+        else parser.instantiate_classes(cfg).optimizer
+    )
     model = _model()
     opt = make(model.parameters())
     assert isinstance(opt, cls)

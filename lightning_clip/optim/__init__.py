@@ -23,7 +23,14 @@ from .factory import (
     register_optimizer,
     weight_decay_param_groups,
 )
-from .smoothed import NORM_KINDS, SmoothedNormSGD, SmoothedSignSGD, global_grad_norm, smoothed_norm_sgd, smoothed_sign_sgd
+from .smoothed import (
+    NORM_KINDS,
+    SmoothedNormSGD,
+    SmoothedSignSGD,
+    global_grad_norm,
+    smoothed_norm_sgd,
+    smoothed_sign_sgd,
+)
 
 __all__ = [
     "SmoothedSignSGD",

@@ -155,8 +155,7 @@ def weight_decay_param_groups(
                 name, p = None, item
             else:
                 raise TypeError(
-                    "expected parameters, (name, parameter) pairs or parameter-group dicts, "
-                    f"got {type(item).__name__}"
+                    f"expected parameters, (name, parameter) pairs or parameter-group dicts, got {type(item).__name__}"
                 )
             if id(p) in seen or not p.requires_grad:
                 continue
@@ -343,7 +342,6 @@ class SmoothedNormSGDFactory:
             f"maximize={self.maximize}, foreach={self.foreach}, fused={self.fused}, exclude_1d={self.exclude_1d}, "
             f"no_decay={self.no_decay})"
         )
-
 
 
 class GroupedSmoothedSignSGD(SmoothedSignSGD):

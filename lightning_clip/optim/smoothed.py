@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from lightning_clip.functional import _acc_dtype, _default_foreach, _grad_norms, _squared_norm, global_grad_norm
+from lightning_clip.functional import _default_foreach, _grad_norms, _squared_norm, global_grad_norm
 
 __all__ = [
     "SmoothedSignSGD",
@@ -59,6 +59,7 @@ __all__ = [
 NORM_KINDS: Tuple[str, ...] = ("global", "tensor", "rms")
 
 NormKind = Literal["global", "tensor", "rms"]
+
 
 def _bias_corrected_lr(lr: float, beta: float, step: int, bias_correction: bool) -> float:
     if not bias_correction:
@@ -129,9 +130,7 @@ def _multi_tensor_smoothed_sign(
     _check_kernel_args(params, grads, momentum_buffers, state_steps)
     if not params:
         return
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, momentum_buffers], with_indices=True
-    )  # type: ignore[list-item]
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, momentum_buffers], with_indices=True)  # type: ignore[list-item]
     for (device_params, device_grads, device_bufs), indices in grouped.values():
         device_steps = [state_steps[i] for i in indices]
         if weight_decay != 0.0:
@@ -141,9 +140,7 @@ def _multi_tensor_smoothed_sign(
             torch._foreach_neg_(directions)
         torch._foreach_lerp_(device_bufs, directions, 1.0 - beta)
         del directions
-        _apply_step_foreach(
-            device_params, device_bufs, device_steps, lr=lr, beta=beta, bias_correction=bias_correction
-        )
+        _apply_step_foreach(device_params, device_bufs, device_steps, lr=lr, beta=beta, bias_correction=bias_correction)
 
 
 def smoothed_sign_sgd(
@@ -168,7 +165,9 @@ def smoothed_sign_sgd(
     foreach kernels (CUDA, XPU) and the for-loop kernel elsewhere (CPU).
     """
     kernel = {
-        "fused": _fused_smoothed_sign, "foreach": _multi_tensor_smoothed_sign, "loop": _single_tensor_smoothed_sign
+        "fused": _fused_smoothed_sign,
+        "foreach": _multi_tensor_smoothed_sign,
+        "loop": _single_tensor_smoothed_sign,
     }[_pick(foreach, fused, params)]
     kernel(
         params,
@@ -268,9 +267,7 @@ def _multi_tensor_smoothed_norm(
     signed = -(1.0 - beta) if maximize else (1.0 - beta)
     if norm == "global" and global_norm is None:
         global_norm = global_grad_norm(grads, foreach=True)
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, momentum_buffers], with_indices=True
-    )  # type: ignore[list-item]
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, momentum_buffers], with_indices=True)  # type: ignore[list-item]
     for (device_params, device_grads, device_bufs), indices in grouped.values():
         device_steps = [state_steps[i] for i in indices]
         if weight_decay != 0.0:
@@ -291,9 +288,7 @@ def _multi_tensor_smoothed_norm(
         torch._foreach_mul_(device_bufs, beta)
         torch._foreach_add_(device_bufs, scaled)
         del scaled
-        _apply_step_foreach(
-            device_params, device_bufs, device_steps, lr=lr, beta=beta, bias_correction=bias_correction
-        )
+        _apply_step_foreach(device_params, device_bufs, device_steps, lr=lr, beta=beta, bias_correction=bias_correction)
 
 
 def smoothed_norm_sgd(
@@ -315,7 +310,9 @@ def smoothed_norm_sgd(
 ) -> None:
     """Functional Smoothed NormSGD step (see :class:`SmoothedNormSGD`)."""
     kernel = {
-        "fused": _fused_smoothed_norm, "foreach": _multi_tensor_smoothed_norm, "loop": _single_tensor_smoothed_norm
+        "fused": _fused_smoothed_norm,
+        "foreach": _multi_tensor_smoothed_norm,
+        "loop": _single_tensor_smoothed_norm,
     }[_pick(foreach, fused, params)]
     kernel(
         params,
@@ -331,7 +328,6 @@ def smoothed_norm_sgd(
         maximize=maximize,
         global_norm=global_norm,
     )
-
 
 
 # --------------------------------------------------------------------------- #
@@ -448,9 +444,7 @@ def _fused_smoothed_norm(
         raise ValueError(f"Invalid norm value: {norm!r}")
     step_sizes = _step_size_tensors(params, state_steps, lr, beta, bias_correction)
     decay = torch.tensor(1.0 - lr * weight_decay, dtype=params[0].dtype, device=params[0].device)
-    _compiled("norm", _norm_body)(
-        params, grads, momentum_buffers, coefs, step_sizes, decay, beta, weight_decay != 0.0
-    )
+    _compiled("norm", _norm_body)(params, grads, momentum_buffers, coefs, step_sizes, decay, beta, weight_decay != 0.0)
 
 
 def _pick(foreach: Optional[bool], fused: bool, params: List[Tensor]) -> str:
