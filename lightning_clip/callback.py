@@ -16,7 +16,15 @@ from pytorch_lightning.callbacks.callback import Callback
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
-from lightning_clip.dashboard import Layout, clipping_layout, log_histogram, metric_tag, optimizer_names, write_layout
+from lightning_clip.dashboard import (
+    Layout,
+    clipping_layout,
+    log_histogram,
+    metric_tag,
+    optimizer_names,
+    per_optimizer_layout,
+    write_layout,
+)
 from lightning_clip.functional import ClipMode, ClipRule, ClipState, ClipStats, clip_grads_
 from lightning_clip.monitor import SPARSITY_METRICS, _SparsityLogging
 from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, _check_relative_to, _check_tol
@@ -307,20 +315,13 @@ class AdaptiveGradientClipping(Callback):
         """This callback's part of the run's custom-scalars layout: one section per optimizer."""
         if not self.dashboard:
             return {}
-        names = optimizer_names(trainer.optimizers)
-        layout: Layout = {}
-        for index in range(len(names)):
-            category = metric_tag(self.log_prefix, names, index, "").rstrip("/")
-            layout.update(
-                clipping_layout(
-                    lambda key, i=index: metric_tag(self.log_prefix, names, i, key),
-                    category,
-                    mode=self.mode,
-                    sparsity=self.log_sparsity,
-                    cumulative=self.sparsity_cumulative,
-                )
-            )
-        return layout
+        return per_optimizer_layout(
+            self.log_prefix,
+            trainer.optimizers,
+            lambda name, category: clipping_layout(
+                name, category, mode=self.mode, sparsity=self.log_sparsity, cumulative=self.sparsity_cumulative
+            ),
+        )
 
     @staticmethod
     def _step(trainer: pl.Trainer) -> int:

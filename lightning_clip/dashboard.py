@@ -33,6 +33,7 @@ __all__ = [
     "merge_layouts",
     "metric_tag",
     "optimizer_names",
+    "per_optimizer_layout",
     "sparsity_layout",
     "tag_regex",
     "tensorboard_loggers",
@@ -113,6 +114,18 @@ def sparsity_layout(name: Callable[[str], str], category: str, *, cumulative: bo
     """The chart of one optimizer of :class:`~lightning_clip.UpdateSparsityMonitor`."""
     keys = ("update_sparsity", "update_sparsity_cumulative") if cumulative else ("update_sparsity",)
     return {category: {"update sparsity": ["Multiline", [tag_regex(name(k)) for k in keys]]}}
+
+
+def per_optimizer_layout(
+    prefix: str, optimizers: Sequence[Optimizer], section: Callable[[Callable[[str], str], str], Layout]
+) -> Layout:
+    """One section per optimizer: ``section(name, category)`` with that optimizer's tag function and title."""
+    names = optimizer_names(optimizers)
+    layout: Layout = {}
+    for index in range(len(names)):
+        category = metric_tag(prefix, names, index, "").rstrip("/")
+        layout.update(section(lambda key, i=index: metric_tag(prefix, names, i, key), category))
+    return layout
 
 
 def merge_layouts(parts: Iterable[Layout]) -> Layout:

@@ -48,6 +48,10 @@ def mnist1d_arrays(seed: int = 42, cache_dir: str | None = None) -> dict:
     return data
 
 
+def _as_dataset(x, y) -> TensorDataset:
+    return TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y).long())
+
+
 class MNIST1DDataModule(pl.LightningDataModule):
     """mnist1d as a Lightning data module.
 
@@ -69,9 +73,8 @@ class MNIST1DDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         d = mnist1d_arrays(self.seed, self.cache_dir)
-        as_set = lambda x, y: TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y).long())
-        self.train_set = as_set(d["x"], d["y"])
-        self.val_set = as_set(d["x_test"], d["y_test"])
+        self.train_set = _as_dataset(d["x"], d["y"])
+        self.val_set = _as_dataset(d["x_test"], d["y_test"])
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,14 @@ from typing_extensions import override
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks.callback import Callback
 
-from lightning_clip.dashboard import Layout, metric_tag, optimizer_names, sparsity_layout, write_layout
+from lightning_clip.dashboard import (
+    Layout,
+    metric_tag,
+    optimizer_names,
+    per_optimizer_layout,
+    sparsity_layout,
+    write_layout,
+)
 from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, UpdateSparsityTracker, _check_relative_to, _check_tol
 
 __all__ = ["SPARSITY_METRICS", "UpdateSparsityMonitor"]
@@ -164,13 +170,11 @@ class UpdateSparsityMonitor(Callback):
         """This callback's part of the run's custom-scalars layout."""
         if not self.dashboard:
             return {}
-        names = optimizer_names(trainer.optimizers)
-        layout: Layout = {}
-        for index in range(len(names)):
-            category = metric_tag(self.log_prefix, names, index, "").rstrip("/")
-            name = functools.partial(lambda i, key: metric_tag(self.log_prefix, names, i, key), index)
-            layout.update(sparsity_layout(name, category, cumulative=self.cumulative))
-        return layout
+        return per_optimizer_layout(
+            self.log_prefix,
+            trainer.optimizers,
+            lambda name, category: sparsity_layout(name, category, cumulative=self.cumulative),
+        )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
