@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
+import lightning.pytorch as pl
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.functional import ClipRule, ClipState, clip_grads_
 

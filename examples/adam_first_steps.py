@@ -24,7 +24,7 @@ import json
 
 import torch
 
-import pytorch_lightning as pl
+import lightning.pytorch as pl
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.demo import MNIST1DClassifier, MNIST1DDataModule
 

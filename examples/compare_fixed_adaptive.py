@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-import pytorch_lightning as pl
+import lightning.pytorch as pl
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.demo import MNIST1DClassifier, MNIST1DDataModule
 

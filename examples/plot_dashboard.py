@@ -31,8 +31,8 @@ def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def train(root: str, epochs: int) -> str:
-    import pytorch_lightning as pl
-    from pytorch_lightning.loggers import TensorBoardLogger
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_clip import AdaptiveGradientClipping
     from lightning_clip.demo import MNIST1DClassifier, MNIST1DDataModule

@@ -15,7 +15,7 @@ import json
 
 import optuna
 
-import pytorch_lightning as pl
+import lightning.pytorch as pl
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.demo import MNIST1DClassifier, MNIST1DDataModule
 

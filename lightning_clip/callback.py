@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning_fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from torch import Tensor
 from torch.optim import Optimizer
-from typing_extensions import override
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks.callback import Callback
-from pytorch_lightning.plugins.precision import MixedPrecision
-from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-
+from lightning_clip import _lightning as _L
 from lightning_clip.dashboard import (
     Layout,
     clipping_layout,
@@ -28,6 +22,9 @@ from lightning_clip.dashboard import (
 from lightning_clip.functional import ClipMode, ClipRule, ClipState, ClipStats, clip_grads_
 from lightning_clip.monitor import SPARSITY_METRICS, _SparsityLogging
 from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, _check_relative_to, _check_tol
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 NonFinitePolicy = Literal["zero", "skip", "error"]
 _POLICIES = ("zero", "skip", "error")
@@ -54,7 +51,7 @@ _CLIP_KEYS = (
 )
 
 
-class AdaptiveGradientClipping(Callback):
+class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
     r"""Clip gradients to ``alpha`` times a moving average of their global norm, once per optimizer step.
 
     For each optimizer separately, at each real optimizer step ``t`` (once per accumulated batch), with
@@ -198,14 +195,12 @@ class AdaptiveGradientClipping(Callback):
         self.last_metrics: dict[str, float] = {}
 
     @property
-    @override
     def state_key(self) -> str:
         return self._generate_state_key(
             mode=self.mode, alpha=self.alpha, beta=self.beta, clip_val=self.clip_val, max_norm=self.max_norm
         )
 
     # ------------------------------------------------------------------ setup
-    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -215,22 +210,21 @@ class AdaptiveGradientClipping(Callback):
                 " and Lightning would clip again after it. Remove `Trainer(gradient_clip_val=...)` (use"
                 " AdaptiveGradientClipping(mode='norm', clip_val=...) for a fixed threshold)."
             )
-        strategy = trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        kind = _L.strategy_kind(trainer)
+        if kind not in ("single", "ddp", "xla"):
             raise ValueError(
-                f"Invalid strategy: {type(strategy).__name__}; AdaptiveGradientClipping supports single-device and"
-                " DDP-style strategies (whole gradients on every rank), not sharded gradients (FSDP, DeepSpeed,"
+                f"Invalid strategy: {type(trainer.strategy).__name__}; AdaptiveGradientClipping supports single-device"
+                " and DDP-style strategies (whole gradients on every rank), not sharded gradients (FSDP, DeepSpeed,"
                 " model parallel)."
             )
 
-    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = optimizer_names(trainer.optimizers)
         if self.dashboard:
             write_layout(trainer)
         scaler = self._scaler(trainer)
         if scaler is not None and self.mode == "value":
-            fused = [n for n, o in zip(self._names, trainer.optimizers) if _optimizer_handles_unscaling(o)]
+            fused = [n for n, o in zip(self._names, trainer.optimizers) if _L.optimizer_handles_unscaling(o)]
             if fused:
                 raise ValueError(
                     f"Invalid mode: 'value' with the fused optimizer(s) {fused} under a GradScaler: their gradients"
@@ -238,7 +232,6 @@ class AdaptiveGradientClipping(Callback):
                 )
 
     # ------------------------------------------------------------- the step
-    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -256,7 +249,7 @@ class AdaptiveGradientClipping(Callback):
         state = self._state(index, grads[0].device)
         scaler = self._scaler(trainer)
         grad_scale = (
-            scaler._get_scale_async() if scaler is not None and _optimizer_handles_unscaling(optimizer) else None
+            _L.scale_tensor(scaler) if scaler is not None and _L.optimizer_handles_unscaling(optimizer) else None
         )
         keep = scaler is not None or self.nonfinite != "zero"
         stats = clip_grads_(
@@ -271,27 +264,23 @@ class AdaptiveGradientClipping(Callback):
         self._last[index] = stats
         if scaler is None and self.nonfinite != "zero" and not bool(stats.finite):  # one sync, by choice
             self._handle_nonfinite(trainer, pl_module, params)
-        if trainer._logger_connector.should_update_logs:
+        if _L.should_update_logs(trainer):
             self._log(trainer, index, stats, state)
         if self.log_sparsity:  # arms a copy on logging steps only (after the clipping and a skip)
             self._sparsity.before_step(trainer, index, optimizer, self.metric_name, self.last_metrics)
 
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.log_sparsity:
             self._sparsity.start(trainer)
 
-    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._sparsity.end_batch()  # drops a copy left by a step that did not run (GradScaler skip)
 
-    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sparsity.close()
 
-    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._sparsity.close()
 
@@ -325,7 +314,7 @@ class AdaptiveGradientClipping(Callback):
 
     @staticmethod
     def _step(trainer: pl.Trainer) -> int:
-        return trainer.fit_loop.epoch_loop._batches_that_stepped
+        return _L.batches_that_stepped(trainer)
 
     def _histogram_step(self, trainer: pl.Trainer) -> bool:
         n = self.histogram_every_n_steps
@@ -352,15 +341,14 @@ class AdaptiveGradientClipping(Callback):
         self.last_metrics.update(metrics)
         # written straight to the loggers (as LearningRateMonitor does): an optimizer that did not step in a logging
         # step then leaves no stale value behind, and the step is the one Lightning's own metrics of the batch use
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = _L.batches_that_stepped(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------- helpers
     @staticmethod
     def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
-        plugin = trainer.precision_plugin
-        return plugin.scaler if isinstance(plugin, MixedPrecision) else None
+        return _L.grad_scaler(trainer)
 
     def _index(self, trainer: pl.Trainer, optimizer: Optimizer) -> int:
         for i, opt in enumerate(trainer.optimizers):
@@ -381,13 +369,11 @@ class AdaptiveGradientClipping(Callback):
         return self._states.get(index)
 
     # ---------------------------------------------------------- checkpoints
-    @override
     def state_dict(self) -> dict[str, Any]:
         states = {i: s.state_dict() for i, s in self._states.items()}
         states.update({i: s for i, s in self._loaded.items() if i not in states})
         return {"rule": asdict(self.rule), "states": states}
 
-    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._states = {}
         self._loaded = {int(i): s for i, s in state_dict.get("states", {}).items()}

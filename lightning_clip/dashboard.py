@@ -3,7 +3,7 @@
 TensorBoard's custom_scalars plugin reads, per run, the first layout written to the tag ``custom_scalars__config__``
 (later ones are ignored). Several callbacks of this package may log into the same run, so each of them provides a
 part (:meth:`dashboard_layout`) and :func:`write_layout` merges the parts of every callback of the Trainer and
-writes the result once per run, to each :class:`~pytorch_lightning.loggers.TensorBoardLogger` of the Trainer
+writes the result once per run, to each ``TensorBoardLogger`` of the Trainer
 (global rank 0 only). Other loggers (CSV, MLflow, ...) get the scalars as usual and no layout.
 
 A layout part is ``{category: {chart title: [kind, tags]}}`` as ``SummaryWriter.add_custom_scalars`` takes it:
@@ -16,13 +16,15 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from lightning_fabric.loggers.tensorboard import TensorBoardLogger as _FabricTensorBoardLogger
 from torch import Tensor
 from torch.optim import Optimizer
 
-import pytorch_lightning as pl
+from lightning_clip import _lightning as _L
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 __all__ = [
     "CONFIG_TAG",
@@ -139,9 +141,9 @@ def merge_layouts(parts: Iterable[Layout]) -> Layout:
     return merged
 
 
-def tensorboard_loggers(trainer: pl.Trainer) -> list[_FabricTensorBoardLogger]:
-    """The Trainer's TensorBoard loggers (Lightning's and Fabric's)."""
-    return [lg for lg in trainer.loggers if isinstance(lg, _FabricTensorBoardLogger)]
+def tensorboard_loggers(trainer: pl.Trainer) -> list[Any]:
+    """The Trainer's TensorBoard loggers (Lightning's and Fabric's, either namespace)."""
+    return [lg for lg in trainer.loggers if _L.is_tensorboard_logger(lg)]
 
 
 def write_layout(trainer: pl.Trainer) -> bool:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torchmetrics
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
+from lightning_clip._lightning import preferred
+
+#: ``lightning.pytorch`` when installed, else ``pytorch_lightning`` (``$LIGHTNING_CLIP_NAMESPACE`` picks one).
+pl = preferred().module
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 
@@ -35,7 +38,7 @@ def mnist1d_arrays(seed: int = 42, cache_dir: str | None = None) -> dict:
         try:
             from mnist1d.data import get_dataset_args, make_dataset
         except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("the mnist1d example needs `pip install lightning-clip[cli]`") from err
+            raise ImportError('the mnist1d example needs the "cli" extra: pip install "lightning-clip[cli]"') from err
         args = get_dataset_args()
         args.seed = seed
         full = make_dataset(args)
@@ -97,6 +100,12 @@ class MNIST1DClassifier(pl.LightningModule):
         optimizer: optional optimizer factory, called with the parameters.
         init_scale: multiplies the initial weights; values well above 1 make the first gradients explode
             (the case where Adam alone diverges and clipping brakes from the first step).
+        spike_every: when > 0, every ``spike_every``-th optimizer step (steps ``spike_every - 1``,
+            ``2 * spike_every - 1``, ... counted from 0) back-propagates ``spike_scale`` times the loss: a rare
+            gradient spike, as an outlier batch gives in real training. The logged ``train/loss`` stays the
+            unscaled loss; ``train/spike`` is 1 on those steps. With ``log_every_n_steps`` dividing
+            ``spike_every``, every spike falls on a logging step and shows on the dashboard.
+        spike_scale: the factor of a spike step's loss (and so of its gradient), > 0.
     """
 
     def __init__(
@@ -106,8 +115,14 @@ class MNIST1DClassifier(pl.LightningModule):
         lr: float = 0.01,
         optimizer: OptimizerCallable | None = None,
         init_scale: float = 1.0,
+        spike_every: int = 0,
+        spike_scale: float = 100.0,
     ) -> None:
         super().__init__()
+        if isinstance(spike_every, bool) or not isinstance(spike_every, int) or spike_every < 0:
+            raise ValueError(f"Invalid spike_every: {spike_every!r}; expected an integer >= 0 (0: no spike)")
+        if isinstance(spike_scale, bool) or not isinstance(spike_scale, (int, float)) or not 0 < spike_scale < math.inf:
+            raise ValueError(f"Invalid spike_scale: {spike_scale!r}; expected a finite number > 0")
         self.save_hyperparameters(ignore=["optimizer"])
         layers: list[nn.Module] = []
         width = 40
@@ -122,7 +137,8 @@ class MNIST1DClassifier(pl.LightningModule):
                     p.mul_(init_scale)
         self.lr = lr
         self.optimizer_factory = optimizer
-        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average="micro")
+        self.spike_every = spike_every
+        self.spike_scale = float(spike_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -131,14 +147,16 @@ class MNIST1DClassifier(pl.LightningModule):
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
+        if self.spike_every and (self.trainer.global_step + 1) % self.spike_every == 0:
+            self.log("train/spike", 1.0)
+            return loss * self.spike_scale
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.log("val/loss", nn.functional.cross_entropy(logits, y), prog_bar=True)
-        self.val_acc(logits, y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.log("val/loss", nn.functional.cross_entropy(logits, y), prog_bar=True, batch_size=len(y))
+        self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import Optimizer
-from typing_extensions import override
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks.callback import Callback
-
+from lightning_clip import _lightning as _L
 from lightning_clip.dashboard import (
     Layout,
     metric_tag,
@@ -21,6 +18,9 @@ from lightning_clip.dashboard import (
     write_layout,
 )
 from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, UpdateSparsityTracker, _check_relative_to, _check_tol
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 __all__ = ["SPARSITY_METRICS", "UpdateSparsityMonitor"]
 
@@ -73,9 +73,9 @@ class _SparsityLogging:
         tracker = self.tracker(index, optimizer)
         if self.cumulative:
             tracker.count_step()
-        if not trainer._logger_connector.should_update_logs:
+        if not _L.should_update_logs(trainer):
             return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = _L.batches_that_stepped(trainer)
 
         def log(t: UpdateSparsityTracker) -> None:
             keys, values = [], []
@@ -103,7 +103,7 @@ class _SparsityLogging:
         self.trackers = {}
 
 
-class UpdateSparsityMonitor(Callback):
+class UpdateSparsityMonitor(*_L.CALLBACK_BASES):
     r"""Log the update sparsity of every optimizer at the Trainer's ``log_every_n_steps``: which entries moved?
 
     At a logging step, right before ``optimizer.step()`` (``on_before_optimizer_step``), the parameters that hold a
@@ -176,17 +176,14 @@ class UpdateSparsityMonitor(Callback):
             lambda name, category: sparsity_layout(name, category, cumulative=self.cumulative),
         )
 
-    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = optimizer_names(trainer.optimizers)
         if self.dashboard:
             write_layout(trainer)
 
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sparsity.start(trainer)
 
-    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -194,16 +191,13 @@ class UpdateSparsityMonitor(Callback):
         index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
         self._sparsity.before_step(trainer, index, optimizer, self.metric_name, self.last_metrics)
 
-    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._sparsity.end_batch()
 
-    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sparsity.close()
 
-    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._sparsity.close()

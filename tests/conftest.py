@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
+from tests.lightning_ns import pl
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 

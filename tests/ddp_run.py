@@ -9,11 +9,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pytorch_lightning as pl  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from lightning_clip import AdaptiveGradientClipping  # noqa: E402
 from tests.conftest import TinyRegressor, regression_loader  # noqa: E402
+from tests.lightning_ns import pl  # noqa: E402
 
 
 class Sharded(TinyRegressor):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.plugins.precision import MixedPrecision
-
 from lightning_clip import AdaptiveGradientClipping
 from tests.conftest import TinyRegressor, norm64, read_scalars, regression_loader, trainer_kwargs
+from tests.lightning_ns import pl
+
+CSVLogger, TensorBoardLogger = pl.loggers.CSVLogger, pl.loggers.TensorBoardLogger
+MixedPrecision = pl.plugins.precision.MixedPrecision
 
 
 def test_logged_series_follow_the_rule(tmp_path):
@@ -88,7 +88,7 @@ def test_gradient_clip_val_is_refused_before_any_step(tmp_path):
 
 
 def test_sharded_strategy_is_refused_at_setup(tmp_path):
-    from pytorch_lightning.strategies import FSDPStrategy
+    FSDPStrategy = pl.strategies.FSDPStrategy
 
     class CPUFSDP(FSDPStrategy):  # Lightning only builds FSDP on CUDA; the subclass lets setup run here
         pass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import glob
 import json
 import math
-import re
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,14 +16,14 @@ import urllib.request
 
 import pytest
 
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.dashboard import CONFIG_TAG
 from lightning_clip.monitor import UpdateSparsityMonitor
 from tests.conftest import TinyRegressor, read_scalars, regression_loader, trainer_kwargs
+from tests.lightning_ns import pl
 from tests.test_callback import TwoOptimizers
+
+CSVLogger, TensorBoardLogger = pl.loggers.CSVLogger, pl.loggers.TensorBoardLogger
 
 CLIP_TAGS = [
     "grad_norm",

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from lightning_clip.optim import (
+    OPTIMIZER_REGISTRY,
     GroupedSmoothedNormSGD,
     GroupedSmoothedSignSGD,
-    OPTIMIZER_REGISTRY,
     SmoothedNormSGD,
     SmoothedNormSGDFactory,
     SmoothedSignSGD,

@@ -9,15 +9,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.monitor import UpdateSparsityMonitor
 from lightning_clip.optim import SmoothedSignSGD
 from lightning_clip.sparsity import UpdateSparsityTracker, negligible_count, update_sparsity
 from tests.conftest import TinyRegressor, read_scalars, regression_loader, trainer_kwargs
+from tests.lightning_ns import pl
 from tests.test_callback import TwoOptimizers, _no_host_sync
+
+CSVLogger, TensorBoardLogger = pl.loggers.CSVLogger, pl.loggers.TensorBoardLogger
 
 N = 1000
 LR = 0.01

@@ -12,10 +12,10 @@ This subpackage imports only ``torch``.
 """
 
 from .factory import (
-    GroupedSmoothedNormSGD,
-    GroupedSmoothedSignSGD,
     NORMALIZATION_LAYERS,
     OPTIMIZER_REGISTRY,
+    GroupedSmoothedNormSGD,
+    GroupedSmoothedSignSGD,
     SmoothedNormSGDFactory,
     SmoothedSignSGDFactory,
     create_optimizer,

@@ -1,0 +1,1 @@
+"""The built-in LightningCLI configs (``lightning-clip configs`` lists them)."""
