@@ -175,18 +175,23 @@ def scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
 
 # ------------------------------------------------------------------------------------------------ the loop
 def batches_that_stepped(trainer: Any) -> int:
-    """The step number Lightning logs a training batch's metrics at (``_batches_that_stepped``)."""
-    epoch_loop = trainer.fit_loop.epoch_loop
-    value = getattr(epoch_loop, "_batches_that_stepped", None)
+    """The step number Lightning logs a training batch's metrics at (``_batches_that_stepped``).
+
+    Fallback: the global step (the same number unless several optimizers step per batch).
+    """
+    value = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
     return int(value) if value is not None else int(trainer.global_step)
 
 
 def should_update_logs(trainer: Any) -> bool:
-    """Whether this training step is a logging step (``log_every_n_steps``, or the run stops)."""
-    connector = getattr(trainer, "_logger_connector", None)
-    value = getattr(connector, "should_update_logs", None)
-    if isinstance(value, bool):
-        return value
+    """Whether this training step is a logging step, as Lightning's logger connector decides it."""
+    value = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
+    return value if isinstance(value, bool) else should_update_logs_fallback(trainer)
+
+
+def should_update_logs_fallback(trainer: Any) -> bool:
+    """Lightning's rule for a training step, from public names: every ``log_every_n_steps`` batches that stepped,
+    counted from 1, and on the step where the run stops."""
     every = trainer.log_every_n_steps
     if not every:
         return False

@@ -19,8 +19,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lightning_clip import _lightning
-
 #: The built-in config that ``lightning-clip fit`` (and validate/test/predict) runs when given no ``--config``.
 DEFAULT_CONFIG = "demo"
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -149,8 +147,10 @@ def build_cli(args: Any = None, run: bool = True) -> Any:
 
     ``args`` is taken as it is: no built-in config is added or resolved (that is :func:`main`'s job).
     """
-    ns = _lightning.preferred()
+    from lightning_clip import _lightning
     from lightning_clip.demo import MNIST1DClassifier, MNIST1DDataModule
+
+    ns = _lightning.preferred()
 
     LightningCLI = ns.get("cli", "LightningCLI")
     LightningArgumentParser = ns.get("cli", "LightningArgumentParser")
