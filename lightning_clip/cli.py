@@ -237,7 +237,12 @@ def main(args: Sequence[str] | None = None) -> int:
 
 
 def console() -> None:  # pragma: no cover - the console script's wrapper
-    sys.exit(main())
+    try:
+        code = main()
+    except BrokenPipeError:  # `lightning-clip configs | head`
+        sys.stderr.close()
+        code = 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
