@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import _lightning as _L
+from lightning_clip._validation import check_choice, check_flag, check_int, check_kernel_choice, check_str
 from lightning_clip.dashboard import (
     Layout,
     clipping_layout,
@@ -77,7 +78,7 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
     3.8 times the recent norm. For per-step control (aggressive clipping), use ``alpha < 1``.
 
     Args:
-        alpha: multiple of the moving average that the norm may reach (``mode="adaptive"``); > 0.
+        alpha: multiple of the moving average that the norm may reach (``mode="adaptive"``); a finite number > 0.
         beta: decay of the moving average, in ``[0, 1)``.
         mode: ``"adaptive"``, ``"norm"`` (fixed threshold ``clip_val``) or ``"value"`` (per-entry bound
             ``clip_val``).
@@ -98,7 +99,8 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             Under ``precision="16-mixed"`` with a ``GradScaler``, the scaler already skips such steps and lowers
             its scale; the callback then leaves the gradients alone and only keeps them out of its statistics.
         foreach: kernel for the multiplication: ``None`` picks per device (multi-tensor where torch has native
-            foreach kernels, as on CUDA; the for-loop elsewhere, which on CPU reuses the cache).
+            foreach kernels, as on CUDA; the for-loop elsewhere, which on CPU reuses the cache). Not ``True`` with
+            ``fused=True``.
         fused: scale and zero each gradient in one ``torch.compile``-fused pass. Off by default: the first step
             compiles (tens of seconds on CPU for a hundred tensors), which long runs amortise; afterwards the
             callback costs what ``clip_grad_norm_`` does (``benchmarks/bench_clipping.py``).
@@ -121,10 +123,14 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             ``{log_prefix}/grad_norm_per_layer``, to the TensorBoard loggers (one host sync on those steps).
 
     Raises:
+        TypeError: at construction, naming the argument and its value, for a value of the wrong kind: a ``bool``
+            or a string where a number goes (``alpha=True``), anything but ``True``/``False`` where a flag goes
+            (``fused="no"``). Numpy numbers and booleans are accepted and stored as plain Python values.
         ValueError: at construction, naming the argument and its value, for ``alpha <= 0``, ``beta`` outside
-            ``[0, 1)``, ``max_norm <= 0``, an unknown ``mode`` or ``nonfinite``, a ``clip_val`` that does not fit
-            the mode; at setup, for ``Trainer(gradient_clip_val=...)`` (Lightning would clip again after this
-            callback) or a strategy whose gradients are sharded (FSDP, DeepSpeed, model parallel).
+            ``[0, 1)``, ``max_norm <= 0``, a ``nan``/``inf`` where a finite number goes, an unknown ``mode`` or
+            ``nonfinite``, a ``clip_val`` that does not fit the mode, ``fused=True`` with ``foreach=True``; at setup,
+            for ``Trainer(gradient_clip_val=...)`` (Lightning would clip again after this callback) or a strategy
+            whose gradients are sharded (FSDP, DeepSpeed, model parallel).
 
     Example::
 
@@ -156,37 +162,25 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         self.rule = ClipRule(
             mode=mode, alpha=alpha, beta=beta, clip_val=clip_val, max_norm=max_norm, warmup_steps=warmup_steps
         )
-        if nonfinite not in _POLICIES:
-            raise ValueError(f"Invalid nonfinite: {nonfinite!r}; expected one of {_POLICIES}")
-        if not isinstance(log_prefix, str) or not log_prefix:
-            raise ValueError(f"Invalid log_prefix: {log_prefix!r}; expected a non-empty string")
-        _check_tol(sparsity_tol)
-        _check_relative_to(sparsity_relative_to)
-        if histogram_every_n_steps is not None and not (
-            isinstance(histogram_every_n_steps, int)
-            and not isinstance(histogram_every_n_steps, bool)
-            and histogram_every_n_steps >= 1
-        ):
-            raise ValueError(
-                f"Invalid histogram_every_n_steps: {histogram_every_n_steps!r}; expected None or an integer >= 1"
-            )
-        self.alpha = alpha
-        self.beta = beta
-        self.mode = mode
-        self.clip_val = clip_val
-        self.max_norm = max_norm
-        self.warmup_steps = warmup_steps
-        self.nonfinite = nonfinite
-        self.foreach = foreach
-        self.fused = fused
-        self.log_prefix = log_prefix
-        self.log_sparsity = log_sparsity
-        self.sparsity_tol = sparsity_tol
-        self.sparsity_relative_to = sparsity_relative_to
-        self.sparsity_cumulative = sparsity_cumulative
-        self.dashboard = dashboard
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self._sparsity = _SparsityLogging(sparsity_tol, sparsity_relative_to, sparsity_cumulative)
+        # every setting stored as a plain Python value (numpy scalars converted): they reach checkpoints
+        self.alpha = self.rule.alpha
+        self.beta = self.rule.beta
+        self.mode = self.rule.mode
+        self.clip_val = self.rule.clip_val
+        self.max_norm = self.rule.max_norm
+        self.warmup_steps = self.rule.warmup_steps
+        self.nonfinite = check_choice("nonfinite", nonfinite, _POLICIES)
+        self.foreach, self.fused = check_kernel_choice(foreach, fused)
+        self.log_prefix = check_str("log_prefix", log_prefix)
+        self.log_sparsity = check_flag("log_sparsity", log_sparsity)
+        self.sparsity_tol = _check_tol(sparsity_tol, name="sparsity_tol")
+        self.sparsity_relative_to = _check_relative_to(sparsity_relative_to, name="sparsity_relative_to")
+        self.sparsity_cumulative = check_flag("sparsity_cumulative", sparsity_cumulative)
+        self.dashboard = check_flag("dashboard", dashboard)
+        self.histogram_every_n_steps = check_int(
+            "histogram_every_n_steps", histogram_every_n_steps, low=1, optional=True
+        )
+        self._sparsity = _SparsityLogging(self.sparsity_tol, self.sparsity_relative_to, self.sparsity_cumulative)
         self._states: dict[int, ClipState] = {}
         self._loaded: dict[int, dict[str, Tensor]] = {}
         self._names: list[str] = []

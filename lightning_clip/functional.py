@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_clip._validation import check_choice, check_int, check_real
+
 __all__ = [
     "ClipMode",
     "ClipRule",
@@ -240,7 +242,10 @@ def scale_grads_(grads: Sequence[Tensor], coef: Tensor, *, zero_nonfinite: bool,
 
 @dataclass(frozen=True)
 class ClipRule:
-    """The settings of one clipping rule, validated at construction.
+    """The settings of one clipping rule, validated and normalised at construction.
+
+    Numbers are stored as plain Python ``float`` / ``int`` (numpy scalars are converted), so a rule can be written to
+    a checkpoint that loads with ``torch.load(weights_only=True)``.
 
     Args:
         mode: ``"adaptive"`` (threshold ``alpha * m_(t-1)``), ``"norm"`` (fixed threshold ``clip_val`` on the global
@@ -254,6 +259,8 @@ class ClipRule:
         warmup_steps: finite steps after the seeding one during which the adaptive threshold is not applied.
 
     Raises:
+        TypeError: naming the argument and its value for a value of the wrong kind (``alpha=True``, ``beta="0.9"``,
+            ``warmup_steps=2.0``).
         ValueError: naming the argument and its value when a setting is out of range or does not fit the mode.
     """
 
@@ -265,30 +272,36 @@ class ClipRule:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in _MODES:
-            raise ValueError(f"Invalid mode: {self.mode!r}; expected one of {_MODES}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"Invalid alpha: {self.alpha!r}; expected a finite number > 0")
-        if not (isinstance(self.beta, (int, float)) and 0.0 <= self.beta < 1.0):
-            raise ValueError(f"Invalid beta: {self.beta!r}; expected 0 <= beta < 1")
-        if self.max_norm is not None and not (
-            isinstance(self.max_norm, (int, float)) and not math.isnan(self.max_norm) and self.max_norm > 0
-        ):
-            raise ValueError(f"Invalid max_norm: {self.max_norm!r}; expected None or a number > 0")
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
-            raise ValueError(f"Invalid warmup_steps: {self.warmup_steps!r}; expected an integer >= 0")
-        if self.mode == "adaptive":
+        mode = check_choice("mode", self.mode, _MODES)
+        alpha = check_real("alpha", self.alpha, low=0.0, low_open=True)
+        beta = check_real("beta", self.beta, low=0.0, high=1.0, high_open=True)
+        max_norm = check_real("max_norm", self.max_norm, low=0.0, low_open=True, finite=False, optional=True)
+        warmup_steps = check_int("warmup_steps", self.warmup_steps, low=0)
+        if mode == "adaptive":
             if self.clip_val is not None:
                 raise ValueError(
-                    f"Invalid clip_val: {self.clip_val!r}; mode='adaptive' takes alpha and beta, not clip_val"
+                    f"Invalid clip_val: {self.clip_val!r}; expected None with mode='adaptive', which takes alpha and"
+                    " beta (clip_val is the bound of mode='norm' and mode='value')"
                 )
+            clip_val = None
         else:
-            if self.clip_val is None or not (
-                isinstance(self.clip_val, (int, float)) and math.isfinite(self.clip_val) and self.clip_val > 0
-            ):
-                raise ValueError(f"Invalid clip_val: {self.clip_val!r}; mode={self.mode!r} needs a finite clip_val > 0")
-            if self.max_norm is not None:
-                raise ValueError(f"Invalid max_norm: {self.max_norm!r}; max_norm applies to mode='adaptive' only")
+            if self.clip_val is None:
+                raise ValueError(f"Invalid clip_val: None; expected a finite number > 0 with mode={mode!r}")
+            clip_val = check_real("clip_val", self.clip_val, low=0.0, low_open=True)
+            if max_norm is not None:
+                raise ValueError(
+                    f"Invalid max_norm: {self.max_norm!r}; expected None with mode={mode!r} (max_norm applies to"
+                    " mode='adaptive' only)"
+                )
+        for name, value in (
+            ("mode", mode),
+            ("alpha", alpha),
+            ("beta", beta),
+            ("clip_val", clip_val),
+            ("max_norm", max_norm),
+            ("warmup_steps", warmup_steps),
+        ):
+            object.__setattr__(self, name, value)
 
     def threshold(self, state: ClipState) -> Tensor:
         """The bound of this step, from the state before the step (never from the current norm).

@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_clip import _lightning as _L
+from lightning_clip._validation import check_flag, check_str
 from lightning_clip.dashboard import (
     Layout,
     metric_tag,
@@ -135,6 +136,8 @@ class UpdateSparsityMonitor(*_L.CALLBACK_BASES):
         dashboard: write the custom-scalars layout of the run to the TensorBoard loggers (once per run).
 
     Raises:
+        TypeError: naming the argument and its value for a value of the wrong kind (a ``bool`` or a string as
+            ``tol``, a non-bool flag, a non-string ``log_prefix``).
         ValueError: naming the argument and its value for a negative or non-finite ``tol``, an unknown
             ``relative_to`` or an empty ``log_prefix``.
     """
@@ -148,16 +151,12 @@ class UpdateSparsityMonitor(*_L.CALLBACK_BASES):
         dashboard: bool = True,
     ) -> None:
         super().__init__()
-        _check_tol(tol)
-        _check_relative_to(relative_to)
-        if not isinstance(log_prefix, str) or not log_prefix:
-            raise ValueError(f"Invalid log_prefix: {log_prefix!r}; expected a non-empty string")
-        self.tol = tol
-        self.relative_to = relative_to
-        self.cumulative = cumulative
-        self.log_prefix = log_prefix
-        self.dashboard = dashboard
-        self._sparsity = _SparsityLogging(tol, relative_to, cumulative)
+        self.tol = _check_tol(tol)
+        self.relative_to = _check_relative_to(relative_to)
+        self.cumulative = check_flag("cumulative", cumulative)
+        self.log_prefix = check_str("log_prefix", log_prefix)
+        self.dashboard = check_flag("dashboard", dashboard)
+        self._sparsity = _SparsityLogging(self.tol, self.relative_to, self.cumulative)
         self._names: list[str] = []
         #: the values written at the last logging step, by metric name
         self.last_metrics: dict[str, float] = {}

@@ -48,13 +48,14 @@ and an entry that oscillates (moves back and forth) is negligible over the windo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from lightning_clip._validation import check_choice, check_flag, check_real
 
 __all__ = [
     "DEFAULT_TOL",
@@ -71,14 +72,14 @@ _RELATIVE = ("lr", "rms")
 DEFAULT_TOL = 0.1
 
 
-def _check_tol(tol: float) -> None:
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"Invalid sparsity_tol: {tol!r}; expected a finite number >= 0")
+def _check_tol(tol: float, *, name: str = "tol") -> float:
+    """``tol`` as a plain float: finite and ``>= 0`` (``TypeError``/``ValueError`` naming ``name`` otherwise)."""
+    return check_real(name, tol, low=0.0)  # type: ignore[return-value]
 
 
-def _check_relative_to(relative_to: str) -> None:
-    if relative_to not in _RELATIVE:
-        raise ValueError(f"Invalid sparsity_relative_to: {relative_to!r}; expected one of {_RELATIVE}")
+def _check_relative_to(relative_to: str, *, name: str = "relative_to") -> RelativeTo:
+    """``"lr"`` or ``"rms"`` (``TypeError``/``ValueError`` naming ``name`` otherwise)."""
+    return check_choice(name, relative_to, _RELATIVE)  # type: ignore[return-value]
 
 
 def negligible_count(
@@ -98,8 +99,8 @@ def negligible_count(
     Returns:
         ``(count, total)``: a 0-d int64 tensor on the device of ``deltas[0]``, and the number of entries.
     """
-    _check_tol(tol)
-    _check_relative_to(relative_to)
+    tol = _check_tol(tol)
+    relative_to = _check_relative_to(relative_to)
     total = sum(d.numel() for d in deltas)
     if total == 0:
         return torch.zeros((), dtype=torch.int64), 0
@@ -172,6 +173,8 @@ class UpdateSparsityTracker:
         cumulative: also measure the sparsity of the total movement over a window.
 
     Raises:
+        TypeError: naming the argument and its value for an ``optimizer`` that is not a torch optimizer, a ``tol``
+            that is not a number (a ``bool``, a string), a non-string ``relative_to`` or a non-bool ``cumulative``.
         ValueError: naming the argument and its value for a negative or non-finite ``tol`` or an unknown
             ``relative_to``.
     """
@@ -179,12 +182,12 @@ class UpdateSparsityTracker:
     def __init__(
         self, optimizer: Optimizer, tol: float = DEFAULT_TOL, relative_to: RelativeTo = "lr", cumulative: bool = False
     ) -> None:
-        _check_tol(tol)
-        _check_relative_to(relative_to)
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"Invalid optimizer: {optimizer!r}; expected a torch.optim.Optimizer")
         self.optimizer = optimizer
-        self.tol = tol
-        self.relative_to = relative_to
-        self.cumulative = cumulative
+        self.tol = _check_tol(tol)
+        self.relative_to = _check_relative_to(relative_to)
+        self.cumulative = check_flag("cumulative", cumulative)
         self._snapshot: list[tuple[Tensor, Tensor, float | Tensor]] | None = None
         self._handle = None
         self._on_done: Callable[[UpdateSparsityTracker], None] | None = None

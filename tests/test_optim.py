@@ -518,16 +518,20 @@ def test_sparse_gradients_raise(opt_cls):
 @pytest.mark.parametrize(
     "opt_cls,kwargs,match",
     [
-        (SmoothedSignSGD, dict(lr=-1.0), "Invalid learning rate: -1.0"),
-        (SmoothedSignSGD, dict(beta=1.0), "Invalid beta value: 1.0"),
-        (SmoothedSignSGD, dict(beta=-0.1), "Invalid beta value: -0.1"),
-        (SmoothedSignSGD, dict(weight_decay=-0.5), "Invalid weight_decay value: -0.5"),
-        (SmoothedNormSGD, dict(lr=-1e-3), "Invalid learning rate: -0.001"),
-        (SmoothedNormSGD, dict(beta=1.5), "Invalid beta value: 1.5"),
-        (SmoothedNormSGD, dict(eps=0.0), "Invalid epsilon value: 0.0"),
-        (SmoothedNormSGD, dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
-        (SmoothedNormSGD, dict(weight_decay=-1.0), "Invalid weight_decay value: -1.0"),
-        (SmoothedNormSGD, dict(norm="spectral"), "Invalid norm value: 'spectral'"),
+        (SmoothedSignSGD, dict(lr=-1.0), r"^Invalid lr: -1\.0; expected a finite number >= 0$"),
+        (SmoothedSignSGD, dict(beta=1.0), r"^Invalid beta: 1\.0; expected a finite number in \[0, 1\)$"),
+        (SmoothedSignSGD, dict(beta=-0.1), r"^Invalid beta: -0\.1;"),
+        (SmoothedSignSGD, dict(weight_decay=-0.5), r"^Invalid weight_decay: -0\.5;"),
+        (SmoothedNormSGD, dict(lr=-1e-3), r"^Invalid lr: -0\.001;"),
+        (SmoothedNormSGD, dict(beta=1.5), r"^Invalid beta: 1\.5;"),
+        (SmoothedNormSGD, dict(eps=0.0), r"^Invalid eps: 0\.0; expected a finite number > 0$"),
+        (SmoothedNormSGD, dict(eps=-1e-8), r"^Invalid eps: -1e-08;"),
+        (SmoothedNormSGD, dict(weight_decay=-1.0), r"^Invalid weight_decay: -1\.0;"),
+        (
+            SmoothedNormSGD,
+            dict(norm="spectral"),
+            r"^Invalid norm: 'spectral'; expected one of \('global', 'tensor', 'rms'\)$",
+        ),
     ],
 )
 def test_invalid_arguments(opt_cls, kwargs, match):
@@ -725,7 +729,7 @@ def test_create_optimizer_kwargs_and_unknown_name():
     assert isinstance(opt, SmoothedNormSGD)
     assert opt.param_groups[0]["norm"] == "rms" and opt.param_groups[0]["beta"] == 0.5
     assert get_optimizer_class("adamw") is torch.optim.AdamW
-    with pytest.raises(ValueError, match="Unknown optimizer name: 'lamb'"):
+    with pytest.raises(ValueError, match="^Invalid name: 'lamb'; expected a registered optimizer name"):
         create_optimizer(_model(), "lamb")
 
 
@@ -748,7 +752,8 @@ def test_optimizer_callable_factories(factory, cls):
 
 
 def test_pure_core_imports_no_lightning():
-    """The math (functional, sparsity, optim) imports torch and the standard library, never Lightning."""
+    """The math (functional, sparsity, optim, and the argument checks they share) imports torch and the standard
+    library, never Lightning."""
     import ast
     import pathlib
     import sys
@@ -756,8 +761,18 @@ def test_pure_core_imports_no_lightning():
     import lightning_clip
 
     root = pathlib.Path(lightning_clip.__file__).parent
-    core = [root / "functional.py", root / "sparsity.py", *sorted((root / "optim").glob("*.py"))]
-    core_modules = {"lightning_clip.functional", "lightning_clip.sparsity", "lightning_clip.optim"}
+    core = [
+        root / "functional.py",
+        root / "sparsity.py",
+        root / "_validation.py",
+        *sorted((root / "optim").glob("*.py")),
+    ]
+    core_modules = {
+        "lightning_clip.functional",
+        "lightning_clip.sparsity",
+        "lightning_clip.optim",
+        "lightning_clip._validation",
+    }
     stdlib = set(sys.stdlib_module_names)
     for path in core:
         tree = ast.parse(path.read_text())

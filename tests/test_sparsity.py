@@ -64,7 +64,7 @@ def test_bad_sparsity_arguments_raise(kwargs, match):
 
 
 def test_bad_monitor_arguments_raise():
-    with pytest.raises(ValueError, match="sparsity_tol: -1"):
+    with pytest.raises(ValueError, match="^Invalid tol: -1; expected a finite number >= 0$"):
         UpdateSparsityMonitor(tol=-1)
     with pytest.raises(ValueError, match="log_prefix: ''"):
         UpdateSparsityMonitor(log_prefix="")

@@ -36,7 +36,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .smoothed import NormKind, SmoothedNormSGD, SmoothedSignSGD
+from lightning_clip._validation import check_flag, check_real, check_str, check_strings
+
+from .smoothed import NormKind, SmoothedNormSGD, SmoothedSignSGD, _check_hyperparameters
 
 __all__ = [
     "OPTIMIZER_REGISTRY",
@@ -87,12 +89,13 @@ def register_optimizer(name: str, optimizer_class: Type[Optimizer]) -> None:
 
 
 def get_optimizer_class(name: str) -> Type[Optimizer]:
-    """Look ``name`` up in :data:`OPTIMIZER_REGISTRY` (``ValueError`` if unknown)."""
+    """Look ``name`` up in :data:`OPTIMIZER_REGISTRY` (``ValueError`` if unknown, ``TypeError`` if not a string)."""
+    check_str("name", name)
     try:
         return OPTIMIZER_REGISTRY[_canonical(name)]
     except KeyError:
         known = ", ".join(sorted(OPTIMIZER_REGISTRY))
-        raise ValueError(f"Unknown optimizer name: {name!r} (known: {known})") from None
+        raise ValueError(f"Invalid name: {name!r}; expected a registered optimizer name ({known})") from None
 
 
 def _decay_split_module(
@@ -139,7 +142,16 @@ def weight_decay_param_groups(
         then ``{"params": [...], "weight_decay": 0.0}``; empty groups are left
         out; parameters with ``requires_grad=False`` are left out; shared
         parameters appear once.
+
+    Raises:
+        TypeError: naming the argument for a ``weight_decay`` that is not a
+            number, a string as ``no_decay`` (it would be read letter by
+            letter) or a non-bool ``exclude_1d``.
+        ValueError: for a negative or non-finite ``weight_decay``.
     """
+    weight_decay = check_real("weight_decay", weight_decay, low=0.0)  # type: ignore[assignment]
+    no_decay = check_strings("no_decay", no_decay)
+    exclude_1d = check_flag("exclude_1d", exclude_1d)  # type: ignore[assignment]
     if isinstance(model_or_params, nn.Module):
         decay, skip = _decay_split_module(model_or_params, no_decay, exclude_1d)
     else:
@@ -202,8 +214,15 @@ def create_optimizer(
         >>> opt = create_optimizer(model, "smoothed_norm_sgd", lr=0.01, weight_decay=0.1)
         >>> [g["weight_decay"] for g in opt.param_groups]
         [0.1, 0.0]
+
+    Raises:
+        TypeError / ValueError: naming the argument and its value for a bad
+            setting (an unknown ``name``, a negative or non-finite ``lr``, ...).
     """
     cls = get_optimizer_class(name)
+    lr = check_real("lr", lr, low=0.0)  # type: ignore[assignment]
+    if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
+        raise TypeError(f"Invalid optimizer_kwargs: {optimizer_kwargs!r}; expected None or a dict of keyword arguments")
     groups = weight_decay_param_groups(model_or_params, weight_decay, no_decay=no_decay, exclude_1d=exclude_1d)
     return cls(groups, lr=lr, weight_decay=weight_decay, **(optimizer_kwargs or {}))
 
@@ -229,6 +248,10 @@ class SmoothedSignSGDFactory:
         exclude_1d: no weight decay for parameters with ``ndim <= 1``.
         no_decay: name substrings excluded from weight decay (when names are
             available).
+
+    Raises:
+        TypeError / ValueError: at construction, naming the argument and its
+            value, as :class:`SmoothedSignSGD` does.
     """
 
     def __init__(
@@ -243,15 +266,26 @@ class SmoothedSignSGDFactory:
         exclude_1d: bool = True,
         no_decay: Sequence[str] = DEFAULT_NO_DECAY,
     ) -> None:
-        self.lr = lr
-        self.beta = beta
-        self.weight_decay = weight_decay
-        self.bias_correction = bias_correction
-        self.maximize = maximize
-        self.foreach = foreach
-        self.fused = fused
-        self.exclude_1d = exclude_1d
-        self.no_decay = tuple(no_decay)
+        checked = _check_hyperparameters(
+            dict(
+                lr=lr,
+                beta=beta,
+                weight_decay=weight_decay,
+                bias_correction=bias_correction,
+                maximize=maximize,
+                foreach=foreach,
+                fused=fused,
+            )
+        )
+        self.lr = checked["lr"]
+        self.beta = checked["beta"]
+        self.weight_decay = checked["weight_decay"]
+        self.bias_correction = checked["bias_correction"]
+        self.maximize = checked["maximize"]
+        self.foreach = checked["foreach"]
+        self.fused = checked["fused"]
+        self.exclude_1d = check_flag("exclude_1d", exclude_1d)
+        self.no_decay = check_strings("no_decay", no_decay)
 
     def __call__(self, params: Union[nn.Module, ParamsT]) -> SmoothedSignSGD:
         groups = weight_decay_param_groups(params, self.weight_decay, self.no_decay, self.exclude_1d)
@@ -269,8 +303,8 @@ class SmoothedSignSGDFactory:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(lr={self.lr}, beta={self.beta}, weight_decay={self.weight_decay}, "
-            f"bias_correction={self.bias_correction}, maximize={self.maximize}, foreach={self.foreach}, fused={self.fused}, "
-            f"exclude_1d={self.exclude_1d}, no_decay={self.no_decay})"
+            f"bias_correction={self.bias_correction}, maximize={self.maximize}, foreach={self.foreach}, "
+            f"fused={self.fused}, exclude_1d={self.exclude_1d}, no_decay={self.no_decay})"
         )
 
 
@@ -292,6 +326,10 @@ class SmoothedNormSGDFactory:
         exclude_1d: no weight decay for parameters with ``ndim <= 1``.
         no_decay: name substrings excluded from weight decay (when names are
             available).
+
+    Raises:
+        TypeError / ValueError: at construction, naming the argument and its
+            value, as :class:`SmoothedNormSGD` does.
     """
 
     def __init__(
@@ -308,17 +346,30 @@ class SmoothedNormSGDFactory:
         exclude_1d: bool = True,
         no_decay: Sequence[str] = DEFAULT_NO_DECAY,
     ) -> None:
-        self.lr = lr
-        self.beta = beta
-        self.norm = norm
-        self.eps = eps
-        self.weight_decay = weight_decay
-        self.bias_correction = bias_correction
-        self.maximize = maximize
-        self.foreach = foreach
-        self.fused = fused
-        self.exclude_1d = exclude_1d
-        self.no_decay = tuple(no_decay)
+        checked = _check_hyperparameters(
+            dict(
+                lr=lr,
+                beta=beta,
+                norm=norm,
+                eps=eps,
+                weight_decay=weight_decay,
+                bias_correction=bias_correction,
+                maximize=maximize,
+                foreach=foreach,
+                fused=fused,
+            )
+        )
+        self.lr = checked["lr"]
+        self.beta = checked["beta"]
+        self.norm = checked["norm"]
+        self.eps = checked["eps"]
+        self.weight_decay = checked["weight_decay"]
+        self.bias_correction = checked["bias_correction"]
+        self.maximize = checked["maximize"]
+        self.foreach = checked["foreach"]
+        self.fused = checked["fused"]
+        self.exclude_1d = check_flag("exclude_1d", exclude_1d)
+        self.no_decay = check_strings("no_decay", no_decay)
 
     def __call__(self, params: Union[nn.Module, ParamsT]) -> SmoothedNormSGD:
         groups = weight_decay_param_groups(params, self.weight_decay, self.no_decay, self.exclude_1d)
@@ -370,7 +421,7 @@ class GroupedSmoothedSignSGD(SmoothedSignSGD):
         exclude_1d: bool = True,
         no_decay: Sequence[str] = DEFAULT_NO_DECAY,
     ) -> None:
-        groups = weight_decay_param_groups(params, weight_decay, tuple(no_decay), exclude_1d)  # type: ignore[arg-type]
+        groups = weight_decay_param_groups(params, weight_decay, no_decay, exclude_1d)  # type: ignore[arg-type]
         super().__init__(
             groups,
             lr=lr,
@@ -405,7 +456,7 @@ class GroupedSmoothedNormSGD(SmoothedNormSGD):
         exclude_1d: bool = True,
         no_decay: Sequence[str] = DEFAULT_NO_DECAY,
     ) -> None:
-        groups = weight_decay_param_groups(params, weight_decay, tuple(no_decay), exclude_1d)  # type: ignore[arg-type]
+        groups = weight_decay_param_groups(params, weight_decay, no_decay, exclude_1d)  # type: ignore[arg-type]
         super().__init__(
             groups,
             lr=lr,

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from lightning_clip._validation import check_choice, check_flag, check_kernel_choice, check_real
 from lightning_clip.functional import _default_foreach, _grad_norms, _squared_norm, global_grad_norm
 
 __all__ = [
@@ -230,7 +231,7 @@ def _single_tensor_smoothed_norm(
     if norm == "global":
         coef_global = _global_coef(grads, global_norm, eps, signed)
     elif norm not in NORM_KINDS:
-        raise ValueError(f"Invalid norm value: {norm!r}")
+        raise ValueError(f"Invalid norm: {norm!r}; expected one of {NORM_KINDS}")
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
         if weight_decay != 0.0:
             param.mul_(1.0 - lr * weight_decay)
@@ -263,7 +264,7 @@ def _multi_tensor_smoothed_norm(
     if not params:
         return
     if norm not in NORM_KINDS:
-        raise ValueError(f"Invalid norm value: {norm!r}")
+        raise ValueError(f"Invalid norm: {norm!r}; expected one of {NORM_KINDS}")
     signed = -(1.0 - beta) if maximize else (1.0 - beta)
     if norm == "global" and global_norm is None:
         global_norm = global_grad_norm(grads, foreach=True)
@@ -441,15 +442,14 @@ def _fused_smoothed_norm(
     elif norm in NORM_KINDS:
         coefs = [_tensor_coef(grad, norm, eps, signed) for grad in grads]
     else:
-        raise ValueError(f"Invalid norm value: {norm!r}")
+        raise ValueError(f"Invalid norm: {norm!r}; expected one of {NORM_KINDS}")
     step_sizes = _step_size_tensors(params, state_steps, lr, beta, bias_correction)
     decay = torch.tensor(1.0 - lr * weight_decay, dtype=params[0].dtype, device=params[0].device)
     _compiled("norm", _norm_body)(params, grads, momentum_buffers, coefs, step_sizes, decay, beta, weight_decay != 0.0)
 
 
 def _pick(foreach: Optional[bool], fused: bool, params: List[Tensor]) -> str:
-    if fused and foreach:
-        raise ValueError("Invalid kernel choice: fused=True and foreach=True are mutually exclusive")
+    foreach, fused = check_kernel_choice(foreach, fused)
     if fused:
         return "fused"
     if foreach is None:
@@ -462,19 +462,48 @@ def _pick(foreach: Optional[bool], fused: bool, params: List[Tensor]) -> str:
 # --------------------------------------------------------------------------- #
 # optimizer classes
 # --------------------------------------------------------------------------- #
-def _validate_common(lr: float, beta: float, weight_decay: float) -> None:
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"Invalid beta value: {beta}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+def _check_hyperparameters(settings: Dict[str, Any], where: str = "") -> Dict[str, Any]:
+    """The optimizers' settings present in ``settings``, validated and as plain Python values.
+
+    ``lr`` and ``weight_decay``: finite, ``>= 0``; ``beta``: in ``[0, 1)``; ``eps``: finite, ``> 0``; ``norm``: one
+    of :data:`NORM_KINDS`; ``bias_correction``, ``maximize``, ``fused``: ``True``/``False``; ``foreach``: ``None``,
+    ``True`` or ``False``, and not ``True`` with ``fused=True``. ``where`` (`` of param group 1``) goes into the
+    message after the name.
+
+    Raises:
+        TypeError: for a value of the wrong kind (a ``bool`` or a string as a number, a non-bool flag).
+        ValueError: for a value out of range (``nan`` and ``inf`` included).
+    """
+    checks: Dict[str, Callable[[str, Any], Any]] = {
+        "lr": lambda n, v: check_real(n, v, low=0.0),
+        "beta": lambda n, v: check_real(n, v, low=0.0, high=1.0, high_open=True),
+        "weight_decay": lambda n, v: check_real(n, v, low=0.0),
+        "eps": lambda n, v: check_real(n, v, low=0.0, low_open=True),
+        "norm": lambda n, v: check_choice(n, v, NORM_KINDS),
+        "bias_correction": check_flag,
+        "maximize": check_flag,
+    }
+    out = {key: checks[key](f"{key}{where}", settings[key]) for key in checks if key in settings}
+    if "foreach" in settings or "fused" in settings:
+        out["foreach"], out["fused"] = check_kernel_choice(settings.get("foreach"), settings.get("fused", False))
+    return out
 
 
 class _SmoothedMomentumOptimizer(Optimizer):
-    """Shared state handling: one momentum buffer per parameter (+ an int step count)."""
+    """Shared state handling: one momentum buffer per parameter (+ an int step count); every parameter group's
+    settings are validated when the group is added (at construction, and by ``add_param_group`` later)."""
 
     _name = "SmoothedMomentumOptimizer"
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group as ``torch.optim.Optimizer`` does, then check its settings (:func:`_check_hyperparameters`)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:  # the defaults were checked already: a failure here is the group's own setting
+            group.update(_check_hyperparameters(group, f" of param group {len(self.param_groups) - 1}"))
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -541,7 +570,7 @@ class SmoothedSignSGD(_SmoothedMomentumOptimizer):
         params: iterable of parameters, of ``(name, parameter)`` pairs, or of
             dicts defining parameter groups (each group may override ``lr``,
             ``beta``, ``weight_decay``, ...).
-        lr: learning rate γ, a Python float ``>= 0``.
+        lr: learning rate γ, a finite number ``>= 0``.
         beta: momentum coefficient β in ``[0, 1)``; ``beta=0`` is plain SignSGD.
         weight_decay: decoupled weight decay λ ``>= 0`` (``W <- W (1 - γ λ)``
             before the update, as in AdamW).
@@ -598,17 +627,16 @@ class SmoothedSignSGD(_SmoothedMomentumOptimizer):
         foreach: Optional[bool] = None,
         fused: bool = False,
     ) -> None:
-        _validate_common(lr, beta, weight_decay)
-        if fused and foreach:
-            raise ValueError("Invalid kernel choice: fused=True and foreach=True are mutually exclusive")
-        defaults = dict(
-            lr=lr,
-            beta=beta,
-            weight_decay=weight_decay,
-            bias_correction=bias_correction,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
+        defaults = _check_hyperparameters(
+            dict(
+                lr=lr,
+                beta=beta,
+                weight_decay=weight_decay,
+                bias_correction=bias_correction,
+                maximize=maximize,
+                foreach=foreach,
+                fused=fused,
+            )
         )
         super().__init__(params, defaults)
 
@@ -691,7 +719,7 @@ class SmoothedNormSGD(_SmoothedMomentumOptimizer):
         params: iterable of parameters, of ``(name, parameter)`` pairs, or of
             dicts defining parameter groups (each group may override ``lr``,
             ``beta``, ``norm``, ...).
-        lr: learning rate γ, a Python float ``>= 0``.
+        lr: learning rate γ, a finite number ``>= 0``.
         beta: momentum coefficient β in ``[0, 1)``.
         norm: ``"global"``, ``"tensor"`` or ``"rms"`` (see above).
         eps: floor ε ``> 0`` of the norm.
@@ -750,23 +778,18 @@ class SmoothedNormSGD(_SmoothedMomentumOptimizer):
         foreach: Optional[bool] = None,
         fused: bool = False,
     ) -> None:
-        _validate_common(lr, beta, weight_decay)
-        if fused and foreach:
-            raise ValueError("Invalid kernel choice: fused=True and foreach=True are mutually exclusive")
-        if not eps > 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if norm not in NORM_KINDS:
-            raise ValueError(f"Invalid norm value: {norm!r} (expected one of {', '.join(NORM_KINDS)})")
-        defaults = dict(
-            lr=lr,
-            beta=beta,
-            norm=norm,
-            eps=eps,
-            weight_decay=weight_decay,
-            bias_correction=bias_correction,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
+        defaults = _check_hyperparameters(
+            dict(
+                lr=lr,
+                beta=beta,
+                norm=norm,
+                eps=eps,
+                weight_decay=weight_decay,
+                bias_correction=bias_correction,
+                maximize=maximize,
+                foreach=foreach,
+                fused=fused,
+            )
         )
         super().__init__(params, defaults)
 
@@ -791,7 +814,7 @@ class SmoothedNormSGD(_SmoothedMomentumOptimizer):
         collected = []
         for group in self.param_groups:
             if group["norm"] not in NORM_KINDS:
-                raise ValueError(f"Invalid norm value: {group['norm']!r}")
+                raise ValueError(f"Invalid norm: {group['norm']!r}; expected one of {NORM_KINDS}")
             params: List[Tensor] = []
             grads: List[Tensor] = []
             bufs: List[Tensor] = []

@@ -1,0 +1,174 @@
+"""Issue 8, from the user's side: real Trainers, real checkpoints loaded the way Lightning loads them (weights only),
+bad values, degenerate first steps, reused callbacks, complex parameters and the errors a user reads.
+
+Each section names the class of case of the issue it covers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_clip import (
+    AdaptiveGradientClipping,
+    ClipRule,
+    GroupedSmoothedNormSGD,
+    GroupedSmoothedSignSGD,
+    SmoothedNormSGD,
+    SmoothedNormSGDFactory,
+    SmoothedSignSGD,
+    SmoothedSignSGDFactory,
+    UpdateSparsityMonitor,
+    UpdateSparsityTracker,
+    create_optimizer,
+)
+from lightning_clip.optim import weight_decay_param_groups
+from tests.conftest import norm64, regression_loader, trainer_kwargs
+from tests.lightning_ns import pl
+
+CSVLogger = pl.loggers.CSVLogger
+
+
+class Probe(pl.LightningModule):
+    """A small MLP on the regression data, trained with SGD, with a per-step loss weight (``0``: a constant loss,
+    exactly zero gradients; ``1e3``: a spike). Records the gradient norm before the callback (``pre``) and after it
+    (``post``, the module's ``on_before_optimizer_step`` runs after the callbacks')."""
+
+    def __init__(self, lr: float = 0.02, loss_weight: dict[int, float] | None = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.lr = lr
+        self.loss_weight = dict(loss_weight or {})
+        self.pre: list[float] = []
+        self.post: list[float] = []
+        self.max_abs: list[dict[str, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y) * self.loss_weight.get(self.trainer.global_step, 1.0)
+
+    def on_after_backward(self) -> None:
+        self.pre.append(norm64(p.grad for p in self.parameters()))
+        self.max_abs.append({n: float(p.grad.double().abs().max()) for n, p in self.named_parameters()})
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.post.append(norm64(p.grad for p in self.parameters() if p.grad is not None))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _fit(tmp_path, model, callbacks, ckpt_path=None, **overrides):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **overrides))
+    trainer.fit(model, regression_loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _our_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "AdaptiveGradientClipping(log_prefix=" in str(w.message)]
+
+
+def _only_plain(value) -> bool:
+    """Whether ``value`` is made of plain Python values and tensors only."""
+    if isinstance(value, dict):
+        return all(type(k) in (str, int) and _only_plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_only_plain(v) for v in value)
+    return value is None or type(value) in (bool, int, float, str) or type(value) is torch.Tensor
+
+
+# ======================================================================================================================
+# 4. Settings that are not what they say
+# ======================================================================================================================
+def _param():
+    return [nn.Parameter(torch.zeros(2))]
+
+
+BAD = [
+    # (constructor, kwargs, exception, message start)
+    (AdaptiveGradientClipping, dict(alpha=True), TypeError, "Invalid alpha: True; expected a finite number > 0"),
+    (AdaptiveGradientClipping, dict(beta="0.9"), TypeError, "Invalid beta: '0.9'; expected"),
+    (AdaptiveGradientClipping, dict(alpha=float("inf")), ValueError, "Invalid alpha: inf;"),
+    (AdaptiveGradientClipping, dict(max_norm=float("nan")), ValueError, "Invalid max_norm: nan;"),
+    (AdaptiveGradientClipping, dict(warmup_steps=2.0), TypeError, "Invalid warmup_steps: 2.0; expected an integer"),
+    (AdaptiveGradientClipping, dict(warmup_steps=True), TypeError, "Invalid warmup_steps: True;"),
+    (AdaptiveGradientClipping, dict(fused="no"), TypeError, "Invalid fused: 'no'; expected True or False"),
+    (AdaptiveGradientClipping, dict(foreach=1), TypeError, "Invalid foreach: 1; expected None, True or False"),
+    (AdaptiveGradientClipping, dict(fused=True, foreach=True), ValueError, "Invalid fused: True; expected fused=False"),
+    (AdaptiveGradientClipping, dict(log_sparsity="yes"), TypeError, "Invalid log_sparsity: 'yes';"),
+    (AdaptiveGradientClipping, dict(sparsity_tol=False), TypeError, "Invalid sparsity_tol: False;"),
+    (AdaptiveGradientClipping, dict(mode=1), TypeError, "Invalid mode: 1; expected one of"),
+    (AdaptiveGradientClipping, dict(log_prefix=3), TypeError, "Invalid log_prefix: 3; expected a non-empty string"),
+    (AdaptiveGradientClipping, dict(histogram_every_n_steps=True), TypeError, "Invalid histogram_every_n_steps: True;"),
+    (ClipRule, dict(alpha=False), TypeError, "Invalid alpha: False;"),
+    (ClipRule, dict(mode="norm", clip_val=float("inf")), ValueError, "Invalid clip_val: inf;"),
+    (UpdateSparsityMonitor, dict(tol=True), TypeError, "Invalid tol: True;"),
+    (UpdateSparsityMonitor, dict(cumulative="no"), TypeError, "Invalid cumulative: 'no';"),
+    (UpdateSparsityMonitor, dict(relative_to=None), TypeError, "Invalid relative_to: None;"),
+    (UpdateSparsityMonitor, dict(dashboard=0), TypeError, "Invalid dashboard: 0;"),
+    (SmoothedSignSGD, dict(params=_param(), lr="0.1"), TypeError, "Invalid lr: '0.1'; expected a finite number >= 0"),
+    (SmoothedSignSGD, dict(params=_param(), lr=float("inf")), ValueError, "Invalid lr: inf;"),
+    (SmoothedSignSGD, dict(params=_param(), weight_decay=float("inf")), ValueError, "Invalid weight_decay: inf;"),
+    (SmoothedSignSGD, dict(params=_param(), beta=True), TypeError, "Invalid beta: True;"),
+    (SmoothedSignSGD, dict(params=_param(), bias_correction="no"), TypeError, "Invalid bias_correction: 'no';"),
+    (SmoothedSignSGD, dict(params=_param(), maximize=1), TypeError, "Invalid maximize: 1;"),
+    (SmoothedSignSGD, dict(params=_param(), fused="no"), TypeError, "Invalid fused: 'no';"),
+    (SmoothedNormSGD, dict(params=_param(), eps=float("inf")), ValueError, "Invalid eps: inf;"),
+    (SmoothedNormSGD, dict(params=_param(), eps=np.float64("nan")), ValueError, "Invalid eps: "),
+    (SmoothedNormSGD, dict(params=_param(), norm=None), TypeError, "Invalid norm: None;"),
+    (SmoothedNormSGD, dict(params=[{"params": _param(), "lr": "x"}]), TypeError, "Invalid lr of param group 0: 'x';"),
+    (SmoothedSignSGDFactory, dict(lr=float("inf")), ValueError, "Invalid lr: inf;"),
+    (SmoothedSignSGDFactory, dict(no_decay="bias"), TypeError, "Invalid no_decay: 'bias'; expected a sequence"),
+    (SmoothedNormSGDFactory, dict(fused=True, foreach=True), ValueError, "Invalid fused: True;"),
+    (SmoothedNormSGDFactory, dict(exclude_1d="no"), TypeError, "Invalid exclude_1d: 'no';"),
+    (GroupedSmoothedSignSGD, dict(params=_param(), weight_decay="0.1"), TypeError, "Invalid weight_decay: '0.1';"),
+    (GroupedSmoothedNormSGD, dict(params=_param(), lr=-1.0), ValueError, "Invalid lr: -1.0;"),
+    (create_optimizer, dict(model_or_params=_param(), lr=float("inf")), ValueError, "Invalid lr: inf;"),
+    (create_optimizer, dict(model_or_params=_param(), name=None), TypeError, "Invalid name: None;"),
+    (weight_decay_param_groups, dict(model_or_params=_param(), weight_decay=True), TypeError, "Invalid weight_decay:"),
+]
+
+
+@pytest.mark.parametrize(("make", "kwargs", "error", "message"), BAD, ids=[f"{b[0].__name__}-{b[3]}" for b in BAD])
+def test_every_public_constructor_names_the_bad_argument_and_value(make, kwargs, error, message):
+    with pytest.raises(error) as info:
+        make(**kwargs)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_tracker_validates_its_arguments():
+    opt = torch.optim.SGD(_param(), lr=0.1)
+    with pytest.raises(TypeError, match=r"^Invalid tol: '0\.1';"):
+        UpdateSparsityTracker(opt, tol="0.1")
+    with pytest.raises(TypeError, match=r"^Invalid cumulative: 1;"):
+        UpdateSparsityTracker(opt, cumulative=1)
+    with pytest.raises(TypeError, match=r"^Invalid optimizer: "):
+        UpdateSparsityTracker([torch.zeros(2)])
+
+
+def test_numpy_values_are_accepted_and_stored_as_plain_python():
+    cb = AdaptiveGradientClipping(
+        alpha=np.float32(2.5), beta=np.float64(0.5), warmup_steps=np.int32(2), fused=np.bool_(False)
+    )
+    assert (cb.alpha, cb.beta, cb.warmup_steps, cb.fused) == (2.5, 0.5, 2, False)
+    assert [type(v) for v in (cb.alpha, cb.beta, cb.warmup_steps, cb.fused)] == [float, float, int, bool]
+    assert type(cb.rule.alpha) is float and type(cb.rule.warmup_steps) is int
+    opt = SmoothedSignSGD(_param(), lr=np.float64(0.1), beta=np.float32(0.5), maximize=np.bool_(True))
+    group = opt.param_groups[0]
+    assert (type(group["lr"]), type(group["beta"]), type(group["maximize"])) == (float, float, bool)
+    # the optimizer steps with them like with Python values
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.tensor([1.0, -2.0])
+    opt.step()
+    assert torch.equal(p.detach(), torch.tensor([0.1 * 0.5, -0.1 * 0.5]))
+
+
+def test_callback_refuses_fused_with_foreach_like_the_optimizers():
+    for make in (
+        lambda: AdaptiveGradientClipping(fused=True, foreach=True),
+        lambda: SmoothedSignSGD(_param(), fused=True, foreach=True),
+    ):
+        with pytest.raises(ValueError, match="fused=True and foreach=True are mutually exclusive"):
+            make()
