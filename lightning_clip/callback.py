@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -105,7 +106,8 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             compiles (tens of seconds on CPU for a hundred tensors), which long runs amortise; afterwards the
             callback costs what ``clip_grad_norm_`` does (``benchmarks/bench_clipping.py``).
         log_prefix: the metrics are ``{log_prefix}/grad_norm`` etc.; with several optimizers
-            ``{log_prefix}/{OptimizerName}/grad_norm``.
+            ``{log_prefix}/{OptimizerName}/grad_norm``. Also the :attr:`state_key`: give each instance of a Trainer
+            its own.
         log_sparsity: also log ``{log_prefix}/update_sparsity`` at the logging steps: the fraction of the entries
             whose update ``|w(after) - w(before)|`` was at most ``sparsity_tol * lr_g`` (see
             :mod:`lightning_clip.sparsity`). Costs, on logging steps only, one copy of the weights held from this
@@ -185,19 +187,35 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         self._loaded: dict[int, dict[str, Tensor]] = {}
         self._names: list[str] = []
         self._last: dict[int, ClipStats] = {}
+        self._warn = True  # whether this process warns about a checkpoint's state (rank zero only)
         #: the values written at the last logging step, by metric name
         self.last_metrics: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            mode=self.mode, alpha=self.alpha, beta=self.beta, clip_val=self.clip_val, max_norm=self.max_norm
-        )
+        """The key of this callback's state in a checkpoint: the class and ``log_prefix`` (one instance per prefix).
+
+        The settings are not part of it: a resume with another ``alpha`` (or ``max_norm``, ``clip_val``, ...) finds
+        the saved state, and :meth:`load_state_dict` checks the settings the average depends on (``mode``, ``beta``).
+        """
+        return self._generate_state_key(log_prefix=self.log_prefix)
+
+    def identity(self) -> dict[str, Any]:
+        """What the saved average depends on: ``{"mode": ..., "beta": ...}`` (plain Python values).
+
+        A saved state is used on resume only when these agree; ``alpha``, ``max_norm``, ``clip_val``,
+        ``warmup_steps`` (a count against ``k``) and ``nonfinite`` only decide what is done with the average.
+        """
+        return {"mode": self.mode, "beta": self.beta}
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # A new fit starts from a fresh state. Lightning restores a checkpoint's callback states after `setup`
+        # (before or after `on_fit_start`, by strategy), so a fit with `ckpt_path` refills it in `load_state_dict`.
+        self._reset()
+        self._warn = bool(trainer.is_global_zero)
         if trainer.gradient_clip_val:
             raise ValueError(
                 f"Invalid gradient_clip_val: {trainer.gradient_clip_val!r}; AdaptiveGradientClipping already clips,"
@@ -363,11 +381,101 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         return self._states.get(index)
 
     # ---------------------------------------------------------- checkpoints
+    def _reset(self) -> None:
+        """Forget every state: the averages, the counts, a state loaded but not used yet, the last metrics."""
+        self._states = {}
+        self._loaded = {}
+        self._last = {}
+        self.last_metrics = {}
+
     def state_dict(self) -> dict[str, Any]:
+        """``{"rule": settings, "log_prefix": str, "states": {optimizer index: {name: tensor}}}``: plain Python
+        values and CPU tensors only, so the checkpoint loads with ``torch.load(weights_only=True)``."""
         states = {i: s.state_dict() for i, s in self._states.items()}
         states.update({i: s for i, s in self._loaded.items() if i not in states})
-        return {"rule": asdict(self.rule), "states": states}
+        return {"rule": asdict(self.rule), "log_prefix": self.log_prefix, "states": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._states = {}
-        self._loaded = {int(i): s for i, s in state_dict.get("states", {}).items()}
+        """Take a saved state when its ``mode`` and ``beta`` are this callback's; otherwise warn once, naming both
+        settings, and start from a fresh state."""
+        self._reset()
+        saved = _saved_identity(state_dict)
+        if saved != self.identity():
+            self._warn_unusable(f"its state was saved with {_spell(saved)}")
+            return
+        self._loaded = {int(i): s for i, s in state_dict["states"].items()}
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Find this callback's state in a checkpoint that does not hold it under :attr:`state_key`.
+
+        Lightning passes ``checkpoint["callbacks"][state_key]`` to :meth:`load_state_dict` when it is there. When it
+        is not, a state no other callback of the Trainer claims is taken if it is the only one saved with this
+        callback's ``mode`` and ``beta`` and this is the only such callback: a checkpoint of lightning-clip 0.1 (keyed
+        by every setting: ``AdaptiveGradientClipping{'mode': ..., 'alpha': ..., ...}``) or a renamed ``log_prefix``.
+        Any other saved state is reported (one warning) and the callback starts fresh.
+        """
+        saved = checkpoint.get("callbacks") or {}
+        if self.state_key in saved:
+            return
+        claimed = {cb.state_key for cb in trainer.callbacks}
+        orphans = {k: v for k, v in saved.items() if k not in claimed and _is_clip_state(v)}
+        if not orphans:
+            return  # nothing was saved for this kind of callback: a new callback on resume starts fresh
+        usable = [k for k, v in orphans.items() if _saved_identity(v) == self.identity()]
+        homeless = [
+            cb
+            for cb in trainer.callbacks
+            if isinstance(cb, AdaptiveGradientClipping)
+            and cb.state_key not in saved
+            and cb.identity() == self.identity()
+        ]
+        if len(usable) == 1 and len(homeless) == 1:
+            self.load_state_dict(orphans[usable[0]])
+            return
+        found = "; ".join(f"{k!r} with {_spell(_saved_identity(v))}" for k, v in orphans.items())
+        if not usable:
+            reason = "none of them was saved with this mode and beta"
+        else:
+            reason = "several states or callbacks fit, so no state can be told to be this callback's"
+        self._reset()
+        self._warn_unusable(f"the checkpoint holds other clipping states ({found}) and {reason}")
+
+    def _warn_unusable(self, why: str) -> None:
+        if self._warn:
+            warnings.warn(
+                f"{type(self).__name__}(log_prefix={self.log_prefix!r}) has {_spell(self.identity())}, but {why}."
+                " The moving average depends on mode and beta, so it starts from a fresh state (the threshold is"
+                " rebuilt from the next steps). Resume with the saved mode and beta to keep it.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
+def _is_clip_state(value: Any) -> bool:
+    """Whether a checkpoint entry looks like a state of this callback (this version's or 0.1's)."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("rule"), dict)
+        and isinstance(value.get("states"), dict)
+        and "mode" in value["rule"]
+        and "beta" in value["rule"]
+    )
+
+
+def _saved_identity(state: Any) -> dict[str, Any]:
+    """``{"mode", "beta"}`` of a saved state, normalised as the callback normalises its own (``2`` == ``2.0``)."""
+    if not _is_clip_state(state):
+        return {"mode": None, "beta": None}
+    rule = state["rule"]
+    beta = rule["beta"]
+    try:
+        beta = float(beta)
+    except (TypeError, ValueError):
+        pass
+    return {"mode": rule["mode"], "beta": beta}
+
+
+def _spell(identity: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in identity.items())

@@ -141,13 +141,13 @@ def test_resume_is_bit_exact(tmp_path):
 
 def test_two_instances_share_a_checkpoint(tmp_path):
     a = AdaptiveGradientClipping(alpha=3.0)
-    b = AdaptiveGradientClipping(mode="norm", clip_val=0.5)
+    b = AdaptiveGradientClipping(mode="norm", clip_val=0.5, log_prefix="clip_fixed")
     assert a.state_key != b.state_key
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[a, b]))
     trainer.fit(TinyRegressor(), regression_loader())
     path = str(tmp_path / "two.ckpt")
     trainer.save_checkpoint(path)
-    saved = torch.load(path, weights_only=False)["callbacks"]
+    saved = torch.load(path, weights_only=True)["callbacks"]
     assert saved[a.state_key]["rule"]["alpha"] == 3.0
     assert saved[b.state_key]["rule"]["mode"] == "norm"
     assert int(saved[b.state_key]["states"][0]["seen"]) == 3

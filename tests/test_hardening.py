@@ -6,6 +6,8 @@ Each section names the class of case of the issue it covers.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,164 @@ def _only_plain(value) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_only_plain(v) for v in value)
     return value is None or type(value) in (bool, int, float, str) or type(value) is torch.Tensor
+
+
+# ======================================================================================================================
+# 1. State lost or unloadable on resume
+# ======================================================================================================================
+def test_numpy_settings_give_a_weights_only_checkpoint_and_an_exact_resume(tmp_path):
+    alphas, betas = np.linspace(1.5, 3.5, 3), np.logspace(-1, -0.05, 4)  # a sweep's values: numpy scalars
+    settings = dict(
+        alpha=alphas[1],
+        beta=betas[2],
+        warmup_steps=np.int64(1),
+        max_norm=np.float32(50.0),
+        sparsity_tol=np.float64(0.1),
+        dashboard=np.bool_(False),
+    )
+    cb = AdaptiveGradientClipping(**settings)
+    assert type(cb.alpha) is float and type(cb.warmup_steps) is int and type(cb.dashboard) is bool
+    trainer = _fit(tmp_path, Probe(), [cb])
+    path = str(tmp_path / "numpy.ckpt")
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["callbacks"][cb.state_key]  # Lightning's default way of loading
+    assert _only_plain(saved)
+    assert saved["rule"]["alpha"] == float(alphas[1]) and saved["rule"]["beta"] == float(betas[2])
+    for key, value in cb.clip_state().state_dict().items():
+        assert torch.equal(saved["states"][0][key], value), key
+
+    resumed = AdaptiveGradientClipping(**settings)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path, Probe(), [resumed], ckpt_path=path, max_steps=9)
+    assert not _our_warnings(record)
+    assert int(resumed.clip_state().seen) == 9  # 8 saved + 1
+
+
+@pytest.mark.parametrize(
+    ("saved_settings", "resumed_settings"),
+    [
+        (dict(alpha=2, beta=0.5), dict(alpha=2.0, beta=np.float64(0.5))),  # the same settings, spelt differently
+        (dict(alpha=3.0, beta=0.5), dict(alpha=1.5, beta=0.5, max_norm=100.0)),  # retuned on purpose
+        (dict(alpha=3.0, beta=0.5), dict(alpha=1.5, beta=0.5, warmup_steps=3, nonfinite="skip")),
+    ],
+    ids=["spelt-differently", "alpha-and-max_norm-changed", "warmup-and-policy-changed"],
+)
+def test_resume_keeps_the_average_and_clips_a_spike_right_after_resume(tmp_path, saved_settings, resumed_settings):
+    first = AdaptiveGradientClipping(**saved_settings)
+    trainer = _fit(tmp_path, Probe(), [first])
+    path = str(tmp_path / "saved.ckpt")
+    trainer.save_checkpoint(path)
+    saved_ema = float(torch.load(path, weights_only=True)["callbacks"][first.state_key]["states"][0]["ema"])
+
+    model = Probe(loss_weight={8: 1e3})  # the first step after resume is a spike
+    cb = AdaptiveGradientClipping(**resumed_settings)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path, model, [cb], ckpt_path=path, max_steps=10)
+    assert not _our_warnings(record)
+    threshold = float(cb.alpha) * saved_ema  # the saved average, the new alpha
+    if "max_norm" in resumed_settings:
+        threshold = min(threshold, resumed_settings["max_norm"])
+    assert model.pre[0] > 10 * threshold
+    assert model.post[0] == pytest.approx(threshold, rel=1e-5)
+    assert int(cb.clip_state().seen) == 10
+
+
+def test_resume_with_another_beta_warns_once_naming_the_settings_and_starts_fresh(tmp_path):
+    first = AdaptiveGradientClipping(alpha=2.0, beta=0.9)
+    trainer = _fit(tmp_path, Probe(), [first])
+    path = str(tmp_path / "beta.ckpt")
+    trainer.save_checkpoint(path)
+
+    model = Probe()
+    cb = AdaptiveGradientClipping(alpha=2.0, beta=0.5)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path, model, [cb], ckpt_path=path, max_steps=11)
+    ours = _our_warnings(record)
+    assert len(ours) == 1
+    assert "beta=0.5" in ours[0] and "beta=0.9" in ours[0] and "fresh state" in ours[0]
+    assert int(cb.clip_state().seen) == 3  # fresh: only the 3 steps after the resume
+    m = model.pre[0]
+    for n in model.pre[1:]:
+        m = 0.5 * m + 0.5 * n
+    assert float(cb.clip_state().ema) == pytest.approx(m, rel=1e-5)
+
+
+def test_checkpoint_written_by_the_previous_version_is_picked_up(tmp_path):
+    first = AdaptiveGradientClipping(alpha=3.0, beta=0.5)
+    trainer = _fit(tmp_path, Probe(), [first])
+    path, legacy_path = str(tmp_path / "new.ckpt"), str(tmp_path / "legacy.ckpt")
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["callbacks"].pop(first.state_key)
+    del state["log_prefix"]  # lightning-clip 0.1 keyed the state by every setting and stored no prefix
+    legacy_key = (
+        "AdaptiveGradientClipping{'mode': 'adaptive', 'alpha': 3, 'beta': 0.5, 'clip_val': None, 'max_norm': None}"
+    )
+    checkpoint["callbacks"][legacy_key] = state
+    torch.save(checkpoint, legacy_path)
+
+    model = Probe(loss_weight={8: 1e3})
+    cb = AdaptiveGradientClipping(alpha=1.5, beta=0.5)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path, model, [cb], ckpt_path=legacy_path, max_steps=9)
+    assert not _our_warnings(record)
+    assert model.post[0] == pytest.approx(1.5 * float(state["states"][0]["ema"]), rel=1e-5)
+    assert int(cb.clip_state().seen) == 9
+
+    other = AdaptiveGradientClipping(alpha=1.5, beta=0.8)  # the legacy state does not fit this beta
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(tmp_path, Probe(), [other], ckpt_path=legacy_path, max_steps=9)
+    ours = _our_warnings(record)
+    assert len(ours) == 1 and "beta=0.5" in ours[0] and "beta=0.8" in ours[0]
+    assert int(other.clip_state().seen) == 1
+
+
+# ======================================================================================================================
+# 3. A callback reused for a second fit starts fresh
+# ======================================================================================================================
+def test_second_fit_with_the_same_callback_starts_from_a_fresh_state(tmp_path):
+    cb = AdaptiveGradientClipping(alpha=1.2, beta=0.6)
+    _fit(tmp_path, Probe(), [cb])
+    first = {k: v.clone() for k, v in vars(cb.clip_state()).items()}
+    assert int(first["seen"]) == 8
+
+    pl.seed_everything(1, verbose=False)
+    second_model = Probe(lr=0.05)  # a seed / learning-rate loop: a fresh model, the same callback object
+    _fit(tmp_path, second_model, [cb])
+    pl.seed_everything(1, verbose=False)
+    reference_model, reference = Probe(lr=0.05), AdaptiveGradientClipping(alpha=1.2, beta=0.6)
+    _fit(tmp_path, reference_model, [reference])
+    for key, value in vars(reference.clip_state()).items():
+        assert torch.equal(value, getattr(cb.clip_state(), key)), key
+    for a, b in zip(second_model.parameters(), reference_model.parameters()):
+        assert torch.equal(a, b)
+    assert second_model.post[0] == second_model.pre[0]  # the first step of the new fit seeds: no bound yet
+
+
+def test_same_callback_object_resumes_its_own_checkpoint_exactly(tmp_path):
+    def run(epochs, cb, ckpt=None, save=None):
+        pl.seed_everything(0, verbose=False)
+        model = Probe(lr=0.05)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=-1, max_epochs=epochs, callbacks=[cb]))
+        trainer.fit(model, regression_loader(), ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return model
+
+    straight_cb = AdaptiveGradientClipping(alpha=0.9, beta=0.8)
+    straight = run(2, straight_cb)
+    cb, ckpt = AdaptiveGradientClipping(alpha=0.9, beta=0.8), str(tmp_path / "half.ckpt")
+    run(1, cb, save=ckpt)
+    resumed = run(2, cb, ckpt=ckpt)  # the same object resumes: restored, not reset
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for key, value in vars(straight_cb.clip_state()).items():
+        assert torch.equal(value, getattr(cb.clip_state(), key)), key
 
 
 # ======================================================================================================================
@@ -172,3 +332,31 @@ def test_callback_refuses_fused_with_foreach_like_the_optimizers():
     ):
         with pytest.raises(ValueError, match="fused=True and foreach=True are mutually exclusive"):
             make()
+
+
+# ======================================================================================================================
+# 6. Errors that explain
+# ======================================================================================================================
+def test_two_callbacks_that_differ_only_in_log_prefix_log_save_and_resume_apart(tmp_path):
+    fast, slow = (
+        AdaptiveGradientClipping(beta=0.5, log_prefix="fast"),
+        AdaptiveGradientClipping(beta=0.5, log_prefix="slow"),
+    )
+    assert fast.state_key != slow.state_key
+    logger = CSVLogger(str(tmp_path))
+    model = Probe()
+    trainer = _fit(tmp_path, model, [fast, slow], logger=logger)
+    assert fast.last_metrics["fast/grad_norm"] == pytest.approx(model.pre[-1], rel=1e-5)
+    assert slow.last_metrics["slow/grad_norm"] == pytest.approx(model.pre[-1], rel=1e-5)
+    path = str(tmp_path / "two.ckpt")
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["callbacks"]
+    a, b = AdaptiveGradientClipping(beta=0.5, log_prefix="fast"), AdaptiveGradientClipping(beta=0.5, log_prefix="slow")
+    _fit(tmp_path, Probe(), [a, b], ckpt_path=path, max_steps=8)  # restores, takes no step
+    for cb in (a, b):
+        for key, value in saved[cb.state_key]["states"][0].items():
+            assert torch.equal(cb.state_dict()["states"][0][key], value)
+    with pytest.raises(RuntimeError, match="state_key"):  # the same prefix twice is refused before any step
+        pl.Trainer(
+            **trainer_kwargs(tmp_path, callbacks=[AdaptiveGradientClipping(), AdaptiveGradientClipping(alpha=2.0)])
+        )
