@@ -254,9 +254,12 @@ class ClipRule:
         alpha: multiple of the moving average that the norm may reach (adaptive mode). ``alpha < 1`` clips every
             step to ``alpha`` times the typical norm (aggressive clipping).
         beta: decay of the moving average of the norm, in ``[0, 1)``.
-        clip_val: the fixed bound of the ``"norm"`` and ``"value"`` modes; must be ``None`` in adaptive mode.
-        max_norm: optional absolute cap on the global norm, applied on every step, the first included (adaptive).
-        warmup_steps: finite steps after the seeding one during which the adaptive threshold is not applied.
+        clip_val: the fixed bound of the ``"norm"`` and ``"value"`` modes, a finite number > 0; must be ``None`` in
+            adaptive mode.
+        max_norm: optional absolute cap on the global norm, ``> 0`` (``inf``: no cap), applied on every step, the
+            first included (adaptive mode only).
+        warmup_steps: informative steps after the seeding one during which the adaptive threshold is not applied
+            and the average is bias-corrected (every step weighs alike); an integer ``>= 0``.
 
     Raises:
         TypeError: naming the argument and its value for a value of the wrong kind (``alpha=True``, ``beta="0.9"``,
@@ -441,12 +444,30 @@ def clip_grads_(
         else:
             scale_grads_(grads, coef, zero_nonfinite=zero, foreach=foreach)
 
-    n = norm.to(state.ema.dtype)
-    averaged = torch.where(state.seen > 0, state.ema * rule.beta + n * (1.0 - rule.beta), n)
-    state.ema.copy_(torch.where(finite, averaged, state.ema))
-    state.seen.add_(finite.long())
+    _update_average(state, rule, norm, finite)
     state.steps.add_(finite.long())
     state.clipped.add_(clipped.long())
     state.nonfinite.add_((~finite).long())
     state.coef_min.copy_(torch.minimum(state.coef_min, torch.where(finite, coef, 1.0)))
     return ClipStats(norm=norm, threshold=threshold, coef=coef, clipped=clipped, finite=finite)
+
+
+def _update_average(state: ClipState, rule: ClipRule, norm: Tensor, finite: Tensor) -> None:
+    """Advance ``(m, k)`` with the step's norm ``n``, on the device (``torch.where``, no Python branch on a tensor).
+
+    Only an informative norm, ``0 < n < inf``, enters: ``k <- k + 1``, then ``m = n`` when ``k == 1``,
+    ``m <- m + (n - m) (1 - beta) / (1 - beta^k)`` while ``k <= warmup_steps + 1`` (the bias-corrected average)
+    and ``m <- beta m + (1 - beta) n`` afterwards. A zero, ``inf`` or ``nan`` norm leaves ``m`` and ``k`` as they
+    are.
+    """
+    n = norm.to(state.ema.dtype)
+    informative = finite & (n > 0)
+    seen = state.seen + informative.long()  # k, this step included when it is informative
+    beta = rule.beta
+    averaged = state.ema * beta + n * (1.0 - beta)
+    if rule.warmup_steps > 0:  # a setting, not a tensor
+        weight = (1.0 - beta) / (1.0 - torch.pow(beta, seen.clamp_min(1).to(n.dtype)))
+        averaged = torch.where(seen <= rule.warmup_steps + 1, state.ema + (n - state.ema) * weight, averaged)
+    averaged = torch.where(seen == 1, n, averaged)
+    state.ema.copy_(torch.where(informative, averaged, state.ema))
+    state.seen.copy_(seen)

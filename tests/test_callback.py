@@ -180,14 +180,24 @@ def test_no_host_sync_on_non_logging_steps(tmp_path):
             with _no_host_sync():
                 return super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
-    model = TinyRegressor()
+    class WithZeroSteps(TinyRegressor):
+        zero_steps = {0, 6}  # exactly zero gradients (a constant loss): the zero-norm rule runs on the device too
+
+        def on_after_backward(self) -> None:
+            if self.trainer.global_step in self.zero_steps:
+                for p in self.parameters():
+                    p.grad.zero_()
+            super().on_after_backward()
+
+    model = WithZeroSteps()
     model.poison_steps = {5}  # a non-finite step too: the default policy handles it without a sync
     logger = CSVLogger(str(tmp_path))
-    cb = Guarded(alpha=0.8, beta=0.9, max_norm=10.0)
+    cb = Guarded(alpha=0.8, beta=0.9, max_norm=10.0, warmup_steps=1)  # the warm-up's bias-corrected average too
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, log_every_n_steps=4, logger=logger, callbacks=[cb]))
     trainer.fit(model, regression_loader())
-    assert len(guarded) == 9 and 5 in guarded
-    assert int(cb.clip_state().seen) == 11
+    assert len(guarded) == 9 and {0, 5, 6} <= set(guarded)
+    assert model.backward_norms[0] == model.backward_norms[6] == 0.0
+    assert int(cb.clip_state().seen) == 9  # 12 steps, less the non-finite one and the two zero ones
     with pytest.raises(AssertionError, match="host synchronisation"), _no_host_sync():
         bool(torch.tensor(True))  # the guard itself bites
 
