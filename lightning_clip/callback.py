@@ -21,7 +21,7 @@ from lightning_clip.dashboard import (
     per_optimizer_layout,
     write_layout,
 )
-from lightning_clip.functional import ClipMode, ClipRule, ClipState, ClipStats, clip_grads_
+from lightning_clip.functional import ClipMode, ClipRule, ClipState, ClipStats, clip_grads_, real_view
 from lightning_clip.monitor import SPARSITY_METRICS, _SparsityLogging
 from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, _check_relative_to, _check_tol
 
@@ -62,7 +62,25 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         threshold_t = alpha * m_(t-1)                  (from step 2; step 1 seeds m_1 = n_1)
         threshold_t = min(threshold_t, max_norm)       (optional cap, every step, the first included)
         g <- g * min(1, threshold_t / n_t)
-        m_t = beta * m_(t-1) + (1 - beta) * n_t        (raw pre-clip norms of finite steps only)
+        m_t = beta * m_(t-1) + (1 - beta) * n_t        (raw pre-clip norms of informative steps, 0 < n_t < inf)
+
+    A step whose norm is exactly zero (zero-initialised layers, a frozen warm start, a constant loss) carries no
+    scale: it neither seeds nor moves the average and does not count as a step of the warm-up
+    (:mod:`lightning_clip.functional` has the exact rule, with the bias-corrected average of the warm-up). Complex
+    parameters are supported: their norm is ``torch.nn.utils.clip_grad_norm_``'s (by the modulus ``|z|``).
+
+    **State and checkpoints.** The state of each optimizer (the average ``m``, the count ``k`` of informative steps,
+    the logging window) is saved in checkpoints under :attr:`state_key`, which depends on ``log_prefix`` only: one
+    callback per prefix and Trainer (two callbacks that differ only in ``log_prefix`` work side by side; two with
+    the same prefix would log over each other and Lightning refuses them as duplicate stateful callbacks). The
+    average depends on ``mode`` and ``beta``: a resume with the same ``mode`` and ``beta`` continues the saved state
+    exactly, whatever ``alpha``, ``max_norm``, ``clip_val``, ``warmup_steps`` or ``nonfinite`` are now (changing them
+    on resume is how one retunes a run); a resume whose ``mode`` or ``beta`` differ warns once, naming both, and
+    starts from a fresh state. Checkpoints hold plain Python values and tensors only (they load with
+    ``torch.load(weights_only=True)``, Lightning's default). States saved by lightning-clip 0.1 (keyed by all the
+    settings) are picked up too. A new ``fit`` that does not resume from a checkpoint starts from a fresh state, as
+    the optimizers Lightning creates for it do: a callback reused across fits (seed or learning-rate loops) carries
+    nothing from one run into the next.
 
     The threshold never depends on the current norm, so a spike cannot raise its own ceiling; the average takes
     the pre-clip norm, so ``alpha < 1`` holds every step at ``alpha`` times the typical norm instead of shrinking
@@ -83,7 +101,8 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         beta: decay of the moving average, in ``[0, 1)``.
         mode: ``"adaptive"``, ``"norm"`` (fixed threshold ``clip_val``) or ``"value"`` (per-entry bound
             ``clip_val``).
-        clip_val: the fixed bound of ``"norm"`` and ``"value"``; ``None`` in adaptive mode.
+        clip_val: the fixed bound of ``"norm"`` and ``"value"`` (a complex entry's modulus is clamped to it);
+            ``None`` in adaptive mode.
         max_norm: optional absolute cap on the norm in adaptive mode, applied from the first step: Adam's second
             moment needs a few steps before it brakes a large gradient, the cap brakes from step one.
         warmup_steps: informative steps after the seeding step during which the adaptive threshold is not applied;
@@ -258,7 +277,8 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         if any(g.is_sparse for g in grads):
             raise RuntimeError("AdaptiveGradientClipping does not support sparse gradients")
         if self.histogram_every_n_steps is not None and self._histogram_step(trainer):
-            per_layer = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))  # before clipping
+            reals = [real_view(g) for g in grads]  # a complex entry counts by |z|
+            per_layer = torch.stack(torch._foreach_norm(reals, 2.0, dtype=torch.float32))  # before clipping
             log_histogram(trainer, self.metric_name("grad_norm_per_layer", index), per_layer, self._step(trainer))
         state = self._state(index, grads[0].device)
         scaler = self._scaler(trainer)

@@ -6,13 +6,28 @@ Nothing here imports Lightning. Every per-step decision stays on the gradients' 
 One optimizer step of :func:`clip_grads_` with gradients ``g`` and state ``(m, k)`` (moving average, finite steps
 seen) does, for ``mode="adaptive"``::
 
-    n_t = ||g||_2                                  (float32 at least, over every gradient)
+    n_t = ||g||_2                                  (float32 at least, over every gradient; |z| for complex)
     tau_t = alpha * m_(t-1)   if k > warmup_steps  else +inf   (never depends on n_t)
     tau_t = min(tau_t, max_norm)                   (when max_norm is set: every step, the first included)
     c_t = min(1, tau_t / max(n_t, tiny))           (post-clip norm c_t * n_t = tau_t when n_t > tau_t)
     g <- c_t * g
-    m_t = n_t                        if k == 0     (the first finite step seeds the average)
-    m_t = beta * m_(t-1) + (1 - beta) * n_t        otherwise; non-finite n_t leave m and k unchanged
+    only when 0 < n_t < inf (an informative step), with k <- k + 1:
+    m_t = n_t                                      if k == 1 (the first informative step seeds the average)
+    m_t = m_(t-1) + w_k * (n_t - m_(t-1))          w_k = (1 - beta) / (1 - beta^k), while k <= warmup_steps + 1
+    m_t = beta * m_(t-1) + (1 - beta) * n_t        afterwards
+    otherwise (n_t = 0, inf or nan) m and k are left unchanged.
+
+A zero norm (zero-initialised layers, a frozen warm start, a loss constant at the start) says nothing about the
+scale of the gradients: it neither seeds nor drags the average, and it does not count as a warm-up step. During the
+warm-up, ``w_k`` makes ``m`` the bias-corrected average of the informative steps so far, in which every step weighs
+alike (``w_1 = 1`` seeds it): after ``warmup_steps = K`` the first step weighs ``beta^K (1 - beta) / (1 - beta^(K+1))``
+instead of ``beta^K``, so one unrepresentative early step (tiny or huge) does not set the threshold that follows.
+With ``warmup_steps = 0`` the rule is the plain seeded average.
+
+Complex gradients are handled as the real pairs ``(Re z, Im z)`` (``torch.view_as_real``): the norm is the one
+``torch.nn.utils.clip_grad_norm_`` computes, and norm clipping multiplies ``z`` by the real ``c_t``. In
+``mode="value"`` a complex entry's modulus is clamped, ``z <- z * min(1, clip_val / |z|)``, which keeps its phase
+(``torch.nn.utils.clip_grad_value_`` refuses complex gradients).
 
 ``mode="norm"`` uses the fixed ``tau_t = clip_val`` (plain norm clipping) and ``mode="value"`` clamps every entry
 to ``[-clip_val, clip_val]``; both still track ``m`` so that the logs compare like with like.
@@ -76,28 +91,41 @@ def _default_foreach(tensors: list[Tensor]) -> bool:
     return len(tensors) > 0 and all(t.device.type in _FOREACH_DEVICES for t in tensors)
 
 
+def real_view(tensor: Tensor) -> Tensor:
+    """``tensor`` itself, or for a complex tensor its real view ``torch.view_as_real`` (a trailing dimension of 2:
+    ``(Re z, Im z)``), which shares its memory: in-place real arithmetic on it is arithmetic on ``z``, and its L2
+    norm is ``sqrt(sum |z|^2)``."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def _real_views(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [real_view(t) for t in tensors]
+
+
 def _acc_dtype(tensors: list[Tensor]) -> torch.dtype:
-    """Accumulation dtype for norms: float64 if any input is float64, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    """Accumulation dtype for norms: float64 if any input is float64 (or complex128), else float32."""
+    return torch.float64 if any(t.dtype in (torch.float64, torch.complex128) for t in tensors) else torch.float32
 
 
 def _squared_norm(grad: Tensor) -> Tensor:
-    """``||grad||^2`` as a 0-d tensor, accumulated in at least float32.
+    """``||grad||^2`` as a 0-d tensor, accumulated in at least float32 (``sum |z|^2`` for a complex ``grad``).
 
     Contiguous float32/float64 gradients go through ``torch.dot`` (a BLAS
     reduction in the gradient's own precision, about twice as fast on CPU as
     ``vector_norm``); other dtypes are upcast to float32 by ``vector_norm``.
     """
-    if grad.dtype in (torch.float32, torch.float64) and grad.is_contiguous() and not grad.is_complex():
+    grad = real_view(grad)
+    if grad.dtype in (torch.float32, torch.float64) and grad.is_contiguous():
         flat = grad.view(-1)
         return torch.dot(flat, flat)
     return torch.linalg.vector_norm(grad, 2, dtype=_acc_dtype([grad])).square()
 
 
 def _grad_norms(grads: list[Tensor], *, foreach: bool) -> list[Tensor]:
-    """Per-tensor L2 norms, accumulated in at least float32."""
+    """Per-tensor L2 norms, accumulated in at least float32 (``sqrt(sum |z|^2)`` for complex tensors)."""
     if not grads:
         return []
+    grads = _real_views(grads)
     dtype = _acc_dtype(grads)
     if foreach:
         return list(torch._foreach_norm(grads, 2, dtype=dtype))
@@ -113,7 +141,8 @@ def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool | None = None) ->
     host.
 
     Args:
-        grads: dense gradients, on one device or several.
+        grads: dense gradients, on one device or several; a complex entry ``z`` counts by its modulus ``|z|``, as in
+            ``get_total_norm``.
         foreach: ``True``: ``torch._foreach_norm`` (one launch on CUDA); ``False``: a loop of BLAS dot products in
             reverse order, about twice as fast on CPU and leaving the first tensors in the cache for the pass that
             follows; ``None``: by device.
@@ -124,6 +153,7 @@ def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool | None = None) ->
     """
     if not grads:
         return None
+    grads = _real_views(grads)
     if foreach is None:
         foreach = _default_foreach(grads)
     dtype = _acc_dtype(grads)
@@ -250,9 +280,9 @@ class ClipRule:
     Args:
         mode: ``"adaptive"`` (threshold ``alpha * m_(t-1)``), ``"norm"`` (fixed threshold ``clip_val`` on the global
             norm, as ``torch.nn.utils.clip_grad_norm_``) or ``"value"`` (every entry clamped to
-            ``[-clip_val, clip_val]``, as ``torch.nn.utils.clip_grad_value_``).
-        alpha: multiple of the moving average that the norm may reach (adaptive mode). ``alpha < 1`` clips every
-            step to ``alpha`` times the typical norm (aggressive clipping).
+            ``[-clip_val, clip_val]``, as ``torch.nn.utils.clip_grad_value_``; complex entries by their modulus).
+        alpha: multiple of the moving average that the norm may reach (adaptive mode), a finite number > 0.
+            ``alpha < 1`` clips every step to ``alpha`` times the typical norm (aggressive clipping).
         beta: decay of the moving average of the norm, in ``[0, 1)``.
         clip_val: the fixed bound of the ``"norm"`` and ``"value"`` modes, a finite number > 0; must be ``None`` in
             adaptive mode.
@@ -415,6 +445,8 @@ def clip_grads_(
     Returns:
         The step's :class:`ClipStats`.
     """
+    originals = list(grads)
+    grads = _real_views(originals)  # complex entries as (Re, Im) pairs: same norm, and scaling by a real c is the same
     norm = global_grad_norm(grads, foreach=foreach)
     assert norm is not None, "clip_grads_ needs at least one gradient"
     if grad_scale is not None:
@@ -428,9 +460,19 @@ def clip_grads_(
             raise ValueError(
                 "mode='value' cannot clip gradients that are still loss-scaled (fused optimizer + GradScaler)"
             )
-        clipped = finite & (torch.stack(torch._foreach_norm(grads, math.inf)).amax() > bound)
-        torch._foreach_clamp_min_(grads, -bound)
-        torch._foreach_clamp_max_(grads, bound)
+        real = [g for g in originals if not g.is_complex()]
+        complex_grads = [g for g in originals if g.is_complex()]
+        largest = torch.stack(
+            [torch.zeros((), dtype=norm.dtype, device=norm.device)]
+            + [n.to(norm) for n in (torch._foreach_norm(real, math.inf) if real else ())]
+            + [z.abs().amax().to(norm) for z in complex_grads if z.numel()]
+        ).amax()
+        clipped = finite & (largest > bound)
+        if real:
+            torch._foreach_clamp_min_(real, -bound)
+            torch._foreach_clamp_max_(real, bound)
+        for z in complex_grads:  # |z| <= bound, phase kept
+            z.mul_(torch.clamp(bound / z.abs().clamp_min(TINY), max=1.0))
         post = global_grad_norm(grads, foreach=foreach)
         coef = torch.where(norm > 0, post / norm.clamp_min(TINY), 1.0)
         coef = torch.where(finite, coef, 0.0 if zero else 1.0).to(torch.float32)

@@ -56,6 +56,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip._validation import check_choice, check_flag, check_real
+from lightning_clip.functional import real_view
 
 __all__ = [
     "DEFAULT_TOL",
@@ -91,7 +92,8 @@ def negligible_count(
     ``|d_i| <= tol * sqrt(sum_k ||d_k||^2 / N)`` over all ``N`` entries (``relative_to="rms"``; ``bounds`` unused).
 
     Args:
-        deltas: the updates (any float dtype; compared in float32 at least). Left unchanged.
+        deltas: the updates (any float or complex dtype; compared in float32 at least; a complex update by its
+            modulus ``|d|``). Left unchanged.
         bounds: per tensor, the unit of the lr rule (the group's lr, or a sum of lrs for a window).
         tol: the tolerance, ``>= 0``.
         relative_to: ``"lr"`` or ``"rms"``.
@@ -106,8 +108,9 @@ def negligible_count(
         return torch.zeros((), dtype=torch.int64), 0
     device = deltas[0].device
     if relative_to == "rms":
-        dtype = torch.float64 if any(d.dtype == torch.float64 for d in deltas) else torch.float32
-        sq = torch.stack([n.to(device) for n in torch._foreach_norm(list(deltas), 2.0, dtype=dtype)]).square().sum()
+        reals = [real_view(d) for d in deltas]  # a complex update counts by |d|
+        dtype = torch.float64 if any(d.dtype == torch.float64 for d in reals) else torch.float32
+        sq = torch.stack([n.to(device) for n in torch._foreach_norm(reals, 2.0, dtype=dtype)]).square().sum()
         limit = torch.sqrt(sq / total) * tol
         limits: list[float | Tensor] = [limit] * len(deltas)
     else:
@@ -116,7 +119,7 @@ def negligible_count(
         limits = [b * tol if isinstance(b, Tensor) else float(b) * tol for b in bounds]
     counts = []
     for d, lim in zip(deltas, limits):
-        mag = d.abs() if d.dtype in (torch.float32, torch.float64) else d.float().abs()
+        mag = d.abs() if d.dtype in (torch.float32, torch.float64) or d.is_complex() else d.float().abs()
         lim_t = lim.to(device=d.device, dtype=mag.dtype) if isinstance(lim, Tensor) else lim
         counts.append(mag.le_(lim_t).sum().to(device))
     return torch.stack(counts).sum(), total
@@ -171,6 +174,8 @@ class UpdateSparsityTracker:
         tol: the tolerance of the negligible rule (module docstring), ``>= 0``.
         relative_to: ``"lr"`` (``|dw| <= tol * lr_g``) or ``"rms"`` (``|dw| <= tol * rms(dw)``).
         cumulative: also measure the sparsity of the total movement over a window.
+
+    Complex parameters are measured by the modulus of their update, ``|dw|``.
 
     Raises:
         TypeError: naming the argument and its value for an ``optimizer`` that is not a torch optimizer, a ``tol``

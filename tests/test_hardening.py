@@ -28,6 +28,8 @@ from lightning_clip import (
     UpdateSparsityTracker,
     clip_grads_,
     create_optimizer,
+    global_grad_norm,
+    update_sparsity,
 )
 from lightning_clip.optim import weight_decay_param_groups
 from tests.conftest import norm64, regression_loader, trainer_kwargs
@@ -393,6 +395,177 @@ def test_callback_refuses_fused_with_foreach_like_the_optimizers():
     ):
         with pytest.raises(ValueError, match="fused=True and foreach=True are mutually exclusive"):
             make()
+
+
+# ======================================================================================================================
+# 5. Complex parameters
+# ======================================================================================================================
+class Spectral(pl.LightningModule):
+    """A spectral layer (a learned complex weight per Fourier mode, as in Fourier neural operators) and a head."""
+
+    def __init__(self, optimizer: str = "norm"):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.modes = nn.Parameter(torch.randn(5, dtype=torch.complex64, generator=gen))
+        self.head = nn.Linear(8, 1)
+        self.optimizer_name = optimizer
+        self.pre: list[float] = []
+        self.pre_torch: list[float] = []
+        self.post: list[float] = []
+        self.grads_after: list[list[torch.Tensor]] = []
+
+    def forward(self, x):
+        return self.head(torch.fft.irfft(torch.fft.rfft(x) * self.modes, n=8))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y) * 10
+
+    def on_after_backward(self) -> None:
+        grads = [p.grad for p in self.parameters()]
+        self.pre.append(math.sqrt(sum(float(g.to(torch.complex128).abs().square().sum()) for g in grads)))
+        self.pre_torch.append(float(torch.nn.utils.get_total_norm([g.clone() for g in grads])))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.post.append(
+            math.sqrt(sum(float(p.grad.to(torch.complex128).abs().square().sum()) for p in self.parameters()))
+        )
+        self.grads_after.append([p.grad.clone() for p in self.parameters()])
+
+    def configure_optimizers(self):
+        cls = SmoothedNormSGD if self.optimizer_name == "norm" else SmoothedSignSGD
+        return cls(self.parameters(), lr=0.01, beta=0.9)
+
+
+@pytest.mark.parametrize("optimizer", ["norm", "sign"])
+def test_spectral_model_trains_with_the_callback_and_both_optimizers(tmp_path, optimizer):
+    model = Spectral(optimizer)
+    cb = AdaptiveGradientClipping(alpha=0.5, beta=0.5, histogram_every_n_steps=2)
+    logger = CSVLogger(str(tmp_path))
+    _fit(tmp_path, model, [cb], max_steps=6, logger=logger)
+    assert model.pre == pytest.approx(model.pre_torch, rel=1e-6)  # torch's norm of complex gradients
+    m = model.pre[0]
+    assert model.post[0] == pytest.approx(model.pre[0], rel=1e-6)
+    for t in range(1, 6):
+        assert model.post[t] == pytest.approx(min(model.pre[t], 0.5 * m), rel=1e-5)  # clipped to 0.5 x average
+        m = 0.5 * m + 0.5 * model.pre[t]
+    assert float(cb.clip_state().ema) == pytest.approx(m, rel=1e-5)
+    assert math.isfinite(cb.last_metrics["clip/update_sparsity"])
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_complex_norm_and_clipping_match_torch_clip_grad_norm():
+    gen = torch.Generator().manual_seed(4)
+    make = [
+        lambda: torch.randn(4, 3, dtype=torch.complex64, generator=gen),
+        lambda: torch.randn(6, generator=gen),
+        lambda: torch.randn(2, 5, dtype=torch.complex64, generator=gen).t(),  # not contiguous
+    ]
+    grads = [f() * 3 for f in make]
+    params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    reference = math.sqrt(sum(float(g.to(torch.complex128).abs().square().sum()) for g in grads))
+    for foreach in (True, False):
+        assert float(global_grad_norm(grads, foreach=foreach)) == pytest.approx(reference, rel=1e-6)
+    torch_norm = torch.nn.utils.clip_grad_norm_(params, 1.5, foreach=True)
+    stats = clip_grads_(grads, ClipState.zeros(), ClipRule(mode="norm", clip_val=1.5))
+    assert float(stats.norm) == pytest.approx(float(torch_norm), rel=1e-6)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_complex_value_clipping_clamps_the_modulus_and_keeps_the_phase():
+    z = torch.tensor([3 + 4j, 0.3 - 0.4j, -6j, 0j], dtype=torch.complex64)
+    real = torch.tensor([2.0, -0.5, -7.0])
+    grads = [z.clone(), real.clone()]
+    clip_grads_(grads, ClipState.zeros(), ClipRule(mode="value", clip_val=1.0))
+    expected = torch.tensor([0.6 + 0.8j, 0.3 - 0.4j, -1j, 0j], dtype=torch.complex64)
+    torch.testing.assert_close(grads[0], expected)
+    assert torch.equal(grads[1], torch.tensor([1.0, -0.5, -1.0]))
+
+
+def _reference_smoothed(params, grads_seq, *, kind, lr, beta, weight_decay=0.0, bias_correction=False, norm="global"):
+    """Complex128 reference of both optimizers, written from their definitions."""
+    ws = [p.detach().to(torch.complex128).clone() for p in params]
+    ms = [torch.zeros_like(w) for w in ws]
+    for t, grads in enumerate(grads_seq, start=1):
+        gs = [g.to(torch.complex128) for g in grads]
+        if kind == "sign":
+            ds = [torch.where(g.abs() > 0, g / g.abs().clamp_min(1e-300), 0) for g in gs]  # z / |z|, 0 at 0
+        elif norm == "global":
+            total = math.sqrt(sum(float(g.abs().square().sum()) for g in gs))
+            ds = [g / max(total, 1e-12) for g in gs]
+        else:
+            ds = [g / max(math.sqrt(float(g.abs().square().sum())), 1e-12) for g in gs]
+        step = lr / (1 - beta**t) if bias_correction else lr
+        for i, (w, m, d) in enumerate(zip(ws, ms, ds)):
+            w.mul_(1 - lr * weight_decay)
+            m.mul_(beta).add_(d * (1 - beta))
+            w.sub_(m * step)
+    return ws
+
+
+@pytest.mark.parametrize("kind", ["sign", "norm-global", "norm-tensor"])
+@pytest.mark.parametrize("kernel", ["loop", "foreach", "fused"])
+def test_optimizers_on_complex_parameters_match_a_complex128_reference(kind, kernel):
+    gen = torch.Generator().manual_seed(7)
+
+    def tensors():  # two complex parameters and a real one, in one optimizer
+        out = [
+            torch.randn(3, 2, dtype=torch.complex128, generator=gen),
+            torch.randn(4, dtype=torch.complex128, generator=gen),
+            torch.randn(5, dtype=torch.float64, generator=gen),
+        ]
+        out[1][0] = 0  # an entry whose gradient is 0
+        return out
+
+    init = tensors()
+    grads_seq = [tensors() for _ in range(6)]
+    params = [nn.Parameter(t.clone()) for t in init]
+    kernel_kwargs = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[kernel]
+    settings = dict(lr=0.1, beta=0.8, weight_decay=0.05, bias_correction=True)
+    if kind == "sign":
+        opt = SmoothedSignSGD(params, **settings, **kernel_kwargs)
+        ref = _reference_smoothed(init, grads_seq, kind="sign", **settings)
+    else:
+        norm = kind.split("-")[1]
+        opt = SmoothedNormSGD(params, norm=norm, **settings, **kernel_kwargs)
+        ref = _reference_smoothed(init, grads_seq, kind="norm", norm=norm, **settings)
+    for grads in grads_seq:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach().to(torch.complex128), r, rtol=1e-12, atol=1e-13)
+    assert [p.dtype for p in params] == [torch.complex128, torch.complex128, torch.float64]
+
+
+def test_complex_sign_is_the_real_sign_on_the_real_axis():
+    """With imaginary parts 0, sgn(z) = sign(Re z): the complex optimizer moves like the real one."""
+    gen = torch.Generator().manual_seed(9)
+    real = nn.Parameter(torch.randn(5, generator=gen))
+    cplx = nn.Parameter(real.detach().to(torch.complex64))
+    opt_r, opt_c = SmoothedSignSGD([real], lr=0.1, beta=0.7), SmoothedSignSGD([cplx], lr=0.1, beta=0.7)
+    for _ in range(4):
+        g = torch.randn(5, generator=gen)
+        real.grad, cplx.grad = g.clone(), g.to(torch.complex64)
+        opt_r.step()
+        opt_c.step()
+    assert torch.equal(cplx.detach().real, real.detach()) and torch.equal(cplx.detach().imag, torch.zeros(5))
+
+
+def test_update_sparsity_of_complex_updates_counts_the_modulus():
+    before = [torch.zeros(4, dtype=torch.complex64)]
+    after = [torch.tensor([0.03 + 0.04j, 0.09 + 0.12j, 0.001j, 1.0], dtype=torch.complex64)]
+    # |dw| = 0.05, 0.15, 0.001, 1.0 against tol * lr = 0.1: the first and third are negligible (their real and
+    # imaginary parts alone would not tell: 0.09 and 0.12 are both below 0.15)
+    assert float(update_sparsity(before, after, [1.0], tol=0.1)) == 0.5
+    assert float(update_sparsity(before, after, [1.0], tol=0.13)) == 0.5  # |0.09 + 0.12j| = 0.15 > 0.13
+    moduli = (after[0] - before[0]).abs()
+    rms = update_sparsity(before, after, tol=0.5, relative_to="rms")
+    limit = 0.5 * math.sqrt(float(moduli.double().square().mean()))
+    assert float(rms) == pytest.approx(float((moduli.double() <= limit).double().mean()))
 
 
 # ======================================================================================================================

@@ -18,6 +18,14 @@ aggressively:
 Both optimizers keep a single state tensor per parameter (the momentum buffer),
 half of Adam's state.
 
+Complex parameters (spectral layers, for example) are supported. Smoothed
+SignSGD takes the complex sign ``sgn(z) = z / |z|`` (``0`` for ``z = 0``,
+``torch.sgn``): the unit-modulus number with the phase of ``z``, which is the
+real sign for real ``z``. Smoothed NormSGD divides by the norms of the moduli,
+``sqrt(sum |z|^2)`` (the norm ``clip_grad_norm_`` computes). The Adam
+correspondence above holds for real parameters: ``torch.optim.Adam`` treats a
+complex entry as the pair ``(Re z, Im z)``.
+
 Invariance note: ``sign(c * G) == sign(G)`` and
 ``c * G / ||c * G|| == G / ||G||`` for every ``c > 0``, so gradient *norm*
 clipping (``clip_grad_norm_``, Lightning's ``gradient_clip_algorithm="norm"``)
@@ -45,7 +53,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from lightning_clip._validation import check_choice, check_flag, check_kernel_choice, check_real
-from lightning_clip.functional import _default_foreach, _grad_norms, _squared_norm, global_grad_norm
+from lightning_clip.functional import _default_foreach, _grad_norms, _squared_norm, global_grad_norm, real_view
 
 __all__ = [
     "SmoothedSignSGD",
@@ -66,6 +74,11 @@ def _bias_corrected_lr(lr: float, beta: float, step: int, bias_correction: bool)
     if not bias_correction:
         return lr
     return lr / (1.0 - beta**step)
+
+
+def _sign(grad: Tensor) -> Tensor:
+    """``sign(g)`` for real tensors, ``sgn(z) = z / |z|`` (``0`` at ``0``) for complex ones."""
+    return torch.sgn(grad) if grad.is_complex() else torch.sign(grad)
 
 
 def _check_kernel_args(params: List[Tensor], grads: List[Tensor], bufs: List[Tensor], steps: List[int]) -> None:
@@ -96,7 +109,7 @@ def _single_tensor_smoothed_sign(
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
         if weight_decay != 0.0:
             param.mul_(1.0 - lr * weight_decay)
-        direction = torch.sign(grad)
+        direction = _sign(grad)
         if maximize:
             direction.neg_()
         # buf = beta * buf + (1 - beta) * sign(grad)
@@ -136,7 +149,10 @@ def _multi_tensor_smoothed_sign(
         device_steps = [state_steps[i] for i in indices]
         if weight_decay != 0.0:
             torch._foreach_mul_(device_params, 1.0 - lr * weight_decay)
-        directions = torch._foreach_sign(device_grads)
+        if device_grads[0].is_complex():  # grouped by dtype; torch has no foreach sgn
+            directions = [torch.sgn(g) for g in device_grads]
+        else:
+            directions = torch._foreach_sign(device_grads)
         if maximize:
             torch._foreach_neg_(directions)
         torch._foreach_lerp_(device_bufs, directions, 1.0 - beta)
@@ -347,7 +363,7 @@ def _sign_body(
     for param, grad, buf, step_size in zip(params, grads, bufs, step_sizes):
         if apply_decay:
             param.mul_(decay)
-        buf.lerp_(torch.sign(grad) * direction, one_minus_beta)
+        buf.lerp_(torch.sign(grad) * direction, one_minus_beta)  # real tensors only (complex: the loop kernel)
         param.sub_(buf * step_size)
 
 
@@ -405,8 +421,27 @@ def _fused_smoothed_sign(
     bias_correction: bool,
     maximize: bool,
 ) -> None:
-    """Compiled kernel: one fused loop per tensor (compiled on first use for each list of shapes)."""
+    """Compiled kernel: one fused loop per tensor (compiled on first use for each list of shapes).
+
+    Complex parameters take the for-loop kernel (TorchInductor generates no code for complex operations).
+    """
     _check_kernel_args(params, grads, momentum_buffers, state_steps)
+    is_complex = [p.is_complex() for p in params]
+    if any(is_complex):
+
+        def select(xs: List[Any], keep: bool) -> List[Any]:
+            return [x for x, c in zip(xs, is_complex) if c == keep]
+
+        lists = (params, grads, momentum_buffers, state_steps)
+        _single_tensor_smoothed_sign(
+            *(select(xs, True) for xs in lists),
+            lr=lr,
+            beta=beta,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            maximize=maximize,
+        )
+        params, grads, momentum_buffers, state_steps = (select(xs, False) for xs in lists)
     if not params:
         return
     step_sizes = _step_size_tensors(params, state_steps, lr, beta, bias_correction)
@@ -443,6 +478,8 @@ def _fused_smoothed_norm(
         coefs = [_tensor_coef(grad, norm, eps, signed) for grad in grads]
     else:
         raise ValueError(f"Invalid norm: {norm!r}; expected one of {NORM_KINDS}")
+    # the update is linear in (param, grad, buf) with real coefficients: complex tensors run as their real views
+    params, grads, momentum_buffers = ([real_view(t) for t in ts] for ts in (params, grads, momentum_buffers))
     step_sizes = _step_size_tensors(params, state_steps, lr, beta, bias_correction)
     decay = torch.tensor(1.0 - lr * weight_decay, dtype=params[0].dtype, device=params[0].device)
     _compiled("norm", _norm_body)(params, grads, momentum_buffers, coefs, step_sizes, decay, beta, weight_decay != 0.0)
@@ -606,6 +643,22 @@ class SmoothedSignSGD(_SmoothedMomentumOptimizer):
         * Sparse gradients are not supported (``RuntimeError``).
         * ``sign(0) = 0``: entries with a zero gradient only decay their
           momentum.
+        * Complex parameters: ``sign`` is the complex sign
+          ``sgn(z) = z / |z|`` (``0`` at ``0``, ``torch.sgn``), so the buffer
+          averages unit phasors and ``|M_t| <= 1`` as for real entries; a
+          complex parameter with zero imaginary parts moves exactly as the
+          real one. With ``fused=True`` complex parameters take the for-loop
+          kernel (TorchInductor generates no complex code).
+
+    Raises:
+        TypeError: naming the argument and its value, for a value of the wrong
+            kind: a ``bool`` or a string where a number goes (``lr="0.1"``),
+            anything but ``True``/``False`` where a flag goes
+            (``bias_correction="no"``), in the arguments or in a parameter
+            group (``Invalid lr of param group 1: ...``).
+        ValueError: naming the argument and its value, for a value out of
+            range (``nan`` and ``inf`` included) or ``fused=True`` with
+            ``foreach=True``.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -755,6 +808,19 @@ class SmoothedNormSGD(_SmoothedMomentumOptimizer):
           for any positive per-tensor rescaling).  Gradient *value* clipping
           changes the direction of ``G`` and therefore the update.
         * Sparse gradients are not supported (``RuntimeError``).
+        * Complex parameters: ``N`` is taken over the moduli,
+          ``sqrt(sum |z|^2)`` (the norm ``clip_grad_norm_`` gives them), and
+          ``D_t = G_t / N`` keeps each entry's phase. Every kernel handles
+          them (the fused one runs on their real views: the update is linear
+          with real coefficients).
+
+    Raises:
+        TypeError: naming the argument and its value, for a value of the wrong
+            kind (a ``bool`` or a string where a number goes, a non-bool
+            flag), in the arguments or in a parameter group.
+        ValueError: naming the argument and its value, for a value out of
+            range (``eps <= 0``, ``nan`` and ``inf`` included), an unknown
+            ``norm`` or ``fused=True`` with ``foreach=True``.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
