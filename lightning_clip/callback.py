@@ -297,7 +297,7 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         )
         self._last[index] = stats
         if scaler is None and self.nonfinite != "zero" and not bool(stats.finite):  # one sync, by choice
-            self._handle_nonfinite(trainer, pl_module, params)
+            self._handle_nonfinite(trainer, pl_module, params, stats)
         if _L.should_update_logs(trainer):
             self._log(trainer, index, stats, state)
         if self.log_sparsity:  # arms a copy on logging steps only (after the clipping and a skip)
@@ -318,12 +318,24 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._sparsity.close()
 
-    def _handle_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]) -> None:
+    def _handle_nonfinite(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], stats: ClipStats
+    ) -> None:
         if self.nonfinite == "error":
             names = {id(p): n for n, p in pl_module.named_parameters()}
-            bad = [names.get(id(p), f"<param {i}>") for i, p in enumerate(params) if not p.grad.isfinite().all()]
+            named = [(names.get(id(p), f"<param {i}>"), p) for i, p in enumerate(params)]
+            bad = [name for name, p in named if not p.grad.isfinite().all()]
+            if bad:
+                raise RuntimeError(
+                    f"Non-finite gradients at global step {trainer.global_step} in: {', '.join(bad)}"
+                    " (AdaptiveGradientClipping(nonfinite='error'))"
+                )
+            largest = sorted(((float(p.grad.abs().amax()), name) for name, p in named if p.grad.numel()), reverse=True)
+            top = ", ".join(f"{name} (max |g| = {value:.3g})" for value, name in largest[:3])
             raise RuntimeError(
-                f"Non-finite gradients at global step {trainer.global_step} in: {', '.join(bad)}"
+                f"Gradient norm overflow at global step {trainer.global_step}: every gradient entry is finite, but"
+                f" the global norm overflowed to {float(stats.norm)} in {stats.norm.dtype} (it is accumulated in"
+                f" float32 for float32 and lower-precision gradients). The largest entries are in: {top}"
                 " (AdaptiveGradientClipping(nonfinite='error'))"
             )
         for p in params:

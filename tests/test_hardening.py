@@ -571,6 +571,19 @@ def test_update_sparsity_of_complex_updates_counts_the_modulus():
 # ======================================================================================================================
 # 6. Errors that explain
 # ======================================================================================================================
+def test_error_policy_explains_a_norm_that_overflowed_with_finite_entries(tmp_path):
+    model = Probe(loss_weight={2: 1e30})  # every entry finite in float32, the sum of their squares is not
+    cb = AdaptiveGradientClipping(nonfinite="error")
+    with pytest.raises(RuntimeError) as info:
+        _fit(tmp_path, model, [cb])
+    message = str(info.value)
+    assert message.startswith("Gradient norm overflow at global step 2: every gradient entry is finite")
+    assert math.isfinite(model.pre[2]) and model.pre[2] > 1e19
+    largest = sorted(model.max_abs[2], key=model.max_abs[2].get, reverse=True)[:3]
+    listed = message.split("The largest entries are in: ")[1]
+    assert [part.split(" (max")[0] for part in listed.split(", ")[:3]] == largest
+
+
 def test_two_callbacks_that_differ_only_in_log_prefix_log_save_and_resume_apart(tmp_path):
     fast, slow = (
         AdaptiveGradientClipping(beta=0.5, log_prefix="fast"),
