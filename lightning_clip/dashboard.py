@@ -9,6 +9,14 @@ writes the result once per run, to each ``TensorBoardLogger`` of the Trainer
 A layout part is ``{category: {chart title: [kind, tags]}}`` as ``SummaryWriter.add_custom_scalars`` takes it:
 ``kind`` ``"Multiline"`` (``tags`` are regular expressions, matched from the start of a tag: write them with
 :func:`tag_regex`) or ``"Margin"`` (``tags`` are exactly ``[value, lower, upper]``).
+
+What the browser shows (TensorBoard 2.x, checked in headless Chromium by ``tests/test_dashboard_browser.py``): the
+sections in the layout's order, each with its multiline charts first and its margin charts last; every series of a
+run in the run's colour, told apart by a marker symbol listed under the chart's collapsed "Matches". So the key chart
+of :func:`clipping_layout`, a margin chart, has a section of its own placed first, and every title names its series.
+Smoothing (0.6 by default, URL ``#custom_scalars&_smoothingWeight=0``), "Ignore outliers in chart scaling" (on by
+default, kept in the browser's localStorage) and each chart's log-scale button are the viewer's settings: the layout
+proto has no field for them.
 """
 
 from __future__ import annotations
@@ -27,9 +35,11 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "BAND_CHART",
     "CONFIG_TAG",
     "Layout",
     "LayoutProvider",
+    "band_section",
     "clipping_layout",
     "log_histogram",
     "merge_layouts",
@@ -44,6 +54,9 @@ __all__ = [
 
 #: The tag under which TensorBoard's custom_scalars plugin stores a run's layout.
 CONFIG_TAG = "custom_scalars__config__"
+
+#: The title of the key chart (first in each clipping section): the margin chart of the norm in its band.
+BAND_CHART = "grad_norm (line) vs band [grad_norm_ema, threshold] (shaded): above the band = clipped step"
 
 Layout = dict[str, dict[str, list[Any]]]
 
@@ -80,42 +93,76 @@ def tag_regex(tag: str) -> str:
     return f"^{re.escape(tag)}$"
 
 
+def band_section(category: str) -> str:
+    """The title of the section that holds only the key chart :data:`BAND_CHART` of the section ``category``."""
+    return f"{category}: norm vs its clipping band"
+
+
 def clipping_layout(
     name: Callable[[str], str], category: str, *, mode: str, sparsity: bool, cumulative: bool
 ) -> Layout:
-    """The charts of one optimizer of :class:`~lightning_clip.AdaptiveGradientClipping`.
+    """The charts of one optimizer of :class:`~lightning_clip.AdaptiveGradientClipping`, the key chart first.
+
+    TensorBoard draws every series of a run in the run's colour (a multiline chart tells its series apart by a
+    marker symbol, named only in its collapsed "Matches" list and in the hover tooltip), so each title names its
+    series by tag and by shape and says what to look for, and most charts hold one quantity.
+
+    In the norm modes the key chart is the margin chart: the norm is a line, the band from the moving average up
+    to the threshold is shaded, so the two stay apart in one colour and the line leaving the band upwards is a
+    clipped step. TensorBoard draws a section's margin charts after its multiline charts whatever the layout's
+    order, so the key chart gets a section of its own, ``"{category}: norm vs its clipping band"``, placed before
+    the section ``category`` that holds the rest: norm and threshold as two lines (spiky, and smooth or flat), the
+    clip coefficients, the clipped fraction, the non-finite steps and the sparsity.
 
     Args:
         name: maps a metric key (``"grad_norm"``) to its logged tag (``"clip/grad_norm"``).
         category: the section's title (the tag prefix, e.g. ``"clip"`` or ``"clip/Adam"``).
-        mode: the clipping mode: in ``"value"`` mode the threshold bounds entries, not the norm, so it gets its
-            own chart instead of sharing the norm's.
+        mode: the clipping mode (``"adaptive"``, ``"norm"`` or ``"value"``). In ``"value"`` mode the threshold
+            bounds entries, not the norm, so there is no band: the norm and its average share a chart, the bound
+            gets its own, all in the one section ``category``.
         sparsity: add the sparsity chart.
         cumulative: add the cumulative sparsity series to it.
     """
     m = lambda *keys: [tag_regex(name(k)) for k in keys]  # noqa: E731
+    layout: Layout = {}
     charts: dict[str, list[Any]] = {}
     if mode == "value":
-        charts["gradient norm and its moving average"] = ["Multiline", m("grad_norm", "grad_norm_ema")]
-        charts["per-entry bound clip_val"] = ["Multiline", m("threshold")]
-    else:
-        charts["gradient norm vs threshold"] = ["Multiline", m("grad_norm", "threshold", "grad_norm_ema")]
-        charts["norm in the band [moving average, threshold]"] = [
-            "Margin",
-            [name("grad_norm"), name("grad_norm_ema"), name("threshold")],
+        charts["grad_norm (spiky) and its moving average grad_norm_ema (smooth); value mode: no norm bound"] = [
+            "Multiline",
+            m("grad_norm", "grad_norm_ema"),
         ]
-    charts["clip coefficient and clipped fraction"] = ["Multiline", m("clip_coef", "clip_coef_min", "clipped_frac")]
-    charts["non-finite steps"] = ["Multiline", m("nonfinite_steps")]
+        charts["threshold: the per-entry bound clip_val (value mode)"] = ["Multiline", m("threshold")]
+    else:
+        band = ["Margin", [name("grad_norm"), name("grad_norm_ema"), name("threshold")]]
+        layout[band_section(category)] = {BAND_CHART: band}
+        shape = "flat" if mode == "norm" else "smooth"
+        charts[f"grad_norm (spiky) vs threshold ({shape}): a spike above the threshold is clipped"] = [
+            "Multiline",
+            m("grad_norm", "threshold"),
+        ]
+    charts["clip_coef_min, clip_coef: post/pre-clip norm (1 = untouched, a dip = clipped)"] = [
+        "Multiline",
+        m("clip_coef_min", "clip_coef"),
+    ]
+    charts["clipped_frac: fraction of the steps since the last log that were clipped"] = [
+        "Multiline",
+        m("clipped_frac"),
+    ]
+    charts["nonfinite_steps: inf/nan steps since the last log (0 = none)"] = ["Multiline", m("nonfinite_steps")]
     if sparsity:
-        keys = ("update_sparsity", "update_sparsity_cumulative") if cumulative else ("update_sparsity",)
-        charts["update sparsity"] = ["Multiline", m(*keys)]
-    return {category: charts}
+        charts.update(sparsity_layout(name, category, cumulative=cumulative)[category])
+    layout[category] = charts
+    return layout
 
 
 def sparsity_layout(name: Callable[[str], str], category: str, *, cumulative: bool) -> Layout:
-    """The chart of one optimizer of :class:`~lightning_clip.UpdateSparsityMonitor`."""
-    keys = ("update_sparsity", "update_sparsity_cumulative") if cumulative else ("update_sparsity",)
-    return {category: {"update sparsity": ["Multiline", [tag_regex(name(k)) for k in keys]]}}
+    """The chart of one optimizer of :class:`~lightning_clip.UpdateSparsityMonitor` (and of the clipping section)."""
+    if cumulative:
+        title = "update_sparsity (this step), update_sparsity_cumulative (since the last log): negligible updates"
+        keys: tuple[str, ...] = ("update_sparsity", "update_sparsity_cumulative")
+    else:
+        title, keys = "update_sparsity: fraction of entries whose update was negligible", ("update_sparsity",)
+    return {category: {title: ["Multiline", [tag_regex(name(k)) for k in keys]]}}
 
 
 def per_optimizer_layout(
@@ -131,7 +178,7 @@ def per_optimizer_layout(
 
 
 def merge_layouts(parts: Iterable[Layout]) -> Layout:
-    """Merge layout parts: categories with the same title share one section; a chart title seen twice keeps the first."""
+    """Merge layout parts: categories with one title share a section; a chart title seen twice keeps the first."""
     merged: Layout = {}
     for part in parts:
         for category, charts in part.items():

@@ -37,6 +37,15 @@ CLIP_TAGS = [
 ]
 
 
+BAND = "grad_norm (line) vs band [grad_norm_ema, threshold] (shaded): above the band = clipped step"
+NORM = "grad_norm (spiky) vs threshold (smooth): a spike above the threshold is clipped"
+COEF = "clip_coef_min, clip_coef: post/pre-clip norm (1 = untouched, a dip = clipped)"
+FRAC = "clipped_frac: fraction of the steps since the last log that were clipped"
+NONFINITE = "nonfinite_steps: inf/nan steps since the last log (0 = none)"
+SPARSITY = "update_sparsity: fraction of entries whose update was negligible"
+SPARSITY_CUMULATIVE = "update_sparsity (this step), update_sparsity_cumulative (since the last log): negligible updates"
+
+
 def read_layout(log_dir):
     """The custom-scalars layout of the run in ``log_dir`` (the first one written, as TensorBoard reads it)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -76,21 +85,19 @@ def test_event_files_hold_the_series_and_the_layout(tmp_path):
         assert thresholds[t] == pytest.approx(alpha * m, rel=1e-5)
         m = beta * m + (1 - beta) * norms[t]
     assert [step for step, _ in s["clip/update_sparsity"]] == list(range(16))
-    # the layout: written once, one section with norm vs threshold, the margin chart, coefficients, sparsity
+    # the layout: written once; the key (margin) chart alone in the first section, the other charts in the second
     (layout,) = read_layout(logger.log_dir)
+    assert [c.title for c in layout.category] == ["clip: norm vs its clipping band", "clip"]
     c = charts(layout)
-    multiline = c[("clip", "gradient norm vs threshold")].multiline.tag
-    assert list(multiline) == ["^clip/grad_norm$", "^clip/threshold$", "^clip/grad_norm_ema$"]
-    series = c[("clip", "norm in the band [moving average, threshold]")].margin.series[0]
+    assert [title for section, title in c if section == "clip: norm vs its clipping band"] == [BAND]
+    series = c[("clip: norm vs its clipping band", BAND)].margin.series[0]
     assert (series.value, series.lower, series.upper) == ("clip/grad_norm", "clip/grad_norm_ema", "clip/threshold")
-    assert list(c[("clip", "clip coefficient and clipped fraction")].multiline.tag) == [
-        "^clip/clip_coef$",
-        "^clip/clip_coef_min$",
-        "^clip/clipped_frac$",
-    ]
-    assert list(c[("clip", "update sparsity")].multiline.tag) == [
-        "^clip/update_sparsity$",
-        "^clip/update_sparsity_cumulative$",
+    assert [(title, list(c[section, title].multiline.tag)) for section, title in c if section == "clip"] == [
+        (NORM, ["^clip/grad_norm$", "^clip/threshold$"]),
+        (COEF, ["^clip/clip_coef_min$", "^clip/clip_coef$"]),
+        (FRAC, ["^clip/clipped_frac$"]),
+        (NONFINITE, ["^clip/nonfinite_steps$"]),
+        (SPARSITY_CUMULATIVE, ["^clip/update_sparsity$", "^clip/update_sparsity_cumulative$"]),
     ]
     # every pattern of the layout matches a logged tag
     for chart in c.values():
@@ -113,12 +120,48 @@ def test_one_layout_per_run_merges_both_callbacks_and_optimizers(tmp_path):
     trainer.fit(TwoOptimizers(), regression_loader())
     (layout,) = read_layout(logger.log_dir)
     sections = [c.title for c in layout.category]
-    assert sections == ["clip/Adam", "clip/SGD", "sparsity/Adam", "sparsity/SGD"]
+    assert sections == [
+        "clip/Adam: norm vs its clipping band",
+        "clip/Adam",
+        "clip/SGD: norm vs its clipping band",
+        "clip/SGD",
+        "sparsity/Adam",
+        "sparsity/SGD",
+    ]
     c = charts(layout)
-    assert list(c[("clip/SGD", "gradient norm vs threshold")].multiline.tag)[0] == "^clip/SGD/grad_norm$"
+    assert list(c[("clip/SGD", NORM)].multiline.tag) == ["^clip/SGD/grad_norm$", "^clip/SGD/threshold$"]
+    assert c[("clip/SGD: norm vs its clipping band", BAND)].margin.series[0].upper == "clip/SGD/threshold"
+    assert (
+        list(c[("sparsity/SGD", SPARSITY_CUMULATIVE)].multiline.tag)[1] == "^sparsity/SGD/update_sparsity_cumulative$"
+    )
     tags = read_scalars(logger.log_dir)
     for name in ("clip/Adam/update_sparsity", "clip/SGD/threshold", "sparsity/SGD/update_sparsity_cumulative"):
         assert name in tags
+
+
+@pytest.mark.parametrize("mode", ["norm", "value"])
+def test_the_layout_follows_the_mode(tmp_path, mode):
+    logger = TensorBoardLogger(str(tmp_path), name=mode)
+    cb = AdaptiveGradientClipping(mode=mode, clip_val=0.5, log_sparsity=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, logger=logger, callbacks=[cb]))
+    trainer.fit(TinyRegressor(), regression_loader())
+    (layout,) = read_layout(logger.log_dir)
+    c = charts(layout)
+    if mode == "norm":  # a fixed bound: the threshold is the flat line, and the band chart comes first
+        assert [cat.title for cat in layout.category] == ["clip: norm vs its clipping band", "clip"]
+        flat = "grad_norm (spiky) vs threshold (flat): a spike above the threshold is clipped"
+        assert list(c[("clip", flat)].multiline.tag) == ["^clip/grad_norm$", "^clip/threshold$"]
+    else:  # a per-entry bound: no band, the norm with its average, the bound on its own chart
+        assert [cat.title for cat in layout.category] == ["clip"]
+        assert not any(chart.HasField("margin") for chart in c.values())
+        assert [title for _, title in c][:2] == [
+            "grad_norm (spiky) and its moving average grad_norm_ema (smooth); value mode: no norm bound",
+            "threshold: the per-entry bound clip_val (value mode)",
+        ]
+    s = read_scalars(logger.log_dir)
+    for chart in c.values():
+        for pattern in chart.multiline.tag:
+            assert any(re.match(pattern, tag) for tag in s), pattern
 
 
 def test_other_loggers_get_the_scalars_and_no_layout(tmp_path):
@@ -195,7 +238,7 @@ def test_tensorboard_server_serves_the_tags_and_the_layout(tmp_path):
         for key in CLIP_TAGS:
             assert f"clip/{key}" in run_tags, key
         titles = {c["title"]: [ch["title"] for ch in c["chart"]] for c in layout["category"]}
-        assert "gradient norm vs threshold" in titles["clip"] and "update sparsity" in titles["clip"]
+        assert titles == {"clip: norm vs its clipping band": [BAND], "clip": [NORM, COEF, FRAC, NONFINITE, SPARSITY]}
         query = urllib.parse.urlencode({"tag": "clip/grad_norm", "run": "run/version_0"})
         points = _get(f"{base}/data/plugin/scalars/scalars?{query}")
         assert len(points) == 6 and all(math.isfinite(p[2]) for p in points)

@@ -47,3 +47,71 @@ def test_fixed_vs_adaptive_comparison_writes_curves_and_a_plot(tmp_path):
     assert len(curves) == 2 and all(len(runs) == 1 and len(runs[0]) == 2 for runs in curves.values())
     assert all(0.5 < v < 3.0 for runs in curves.values() for v in runs[0])
     assert (tmp_path / "compare_fixed_adaptive.png").stat().st_size > 10_000
+
+
+def test_plot_dashboard_draws_a_real_run_with_units_legends_off_the_data_and_the_caption(tmp_path):
+    from matplotlib.text import Text
+
+    from lightning_clip import AdaptiveGradientClipping
+    from tests.conftest import TinyRegressor, regression_loader, trainer_kwargs
+    from tests.lightning_ns import pl
+
+    spike = 20
+
+    class Spiky(TinyRegressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * 1000 if self.trainer.global_step == spike else loss
+
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
+    cb = AdaptiveGradientClipping(sparsity_cumulative=True)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=30, logger=logger, callbacks=[cb])).fit(
+        Spiky(), regression_loader()
+    )
+    # the command line, on the run's event files
+    png = tmp_path / "dashboard.png"
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "plot_dashboard.py"),
+            "--logdir",
+            logger.log_dir,
+            "--out",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 30_000
+    # the figure: labels with units, the spike marked as the one clipped step, legends under their panels, caption
+    from plot_dashboard import CAPTION, plot
+
+    fig = plot(logger.log_dir, str(tmp_path / "again.png"))
+    norm, coef, sparsity = fig.axes
+    assert norm.get_yscale() == "log" and norm.get_ylabel() == "gradient L2 norm (log scale)"
+    assert coef.get_ylabel() == "coefficient, fraction (dimensionless)"
+    assert sparsity.get_ylabel() == "fraction of entries (dimensionless)"
+    assert all(ax.get_xlabel() == "optimizer step" for ax in fig.axes)
+    (marks,) = norm.collections[1:]  # after the band: the clipped steps
+    assert [int(x) for x, _ in marks.get_offsets()] == [spike]
+    assert [t.get_text() for t in norm.get_legend().get_texts()] == [
+        "band [grad_norm_ema, threshold]",
+        "threshold",
+        "grad_norm_ema",
+        "grad_norm",
+        "clipped step (above band)",
+    ]
+    assert [t.get_text() for t in sparsity.get_legend().get_texts()] == [
+        "update_sparsity",
+        "update_sparsity_cumulative",
+    ]
+    renderer = fig.canvas.get_renderer()
+    legends = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes]
+    for ax, legend in zip(fig.axes, legends):
+        assert legend.y1 < ax.get_window_extent(renderer).y0  # under the axes: hides no data
+    (caption,) = [t for t in fig.findobj(Text) if t.get_text() == CAPTION]
+    assert caption.get_window_extent(renderer).y1 < min(legend.y0 for legend in legends)
