@@ -239,8 +239,8 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         self._warn = bool(trainer.is_global_zero)
         if trainer.gradient_clip_val:
             raise ValueError(
-                f"Invalid gradient_clip_val: {float(trainer.gradient_clip_val)!r}; AdaptiveGradientClipping already clips,"
-                " and Lightning would clip again after it. Remove `Trainer(gradient_clip_val=...)` (use"
+                f"Invalid gradient_clip_val: {float(trainer.gradient_clip_val)!r}; AdaptiveGradientClipping already"
+                " clips, and Lightning would clip again after it. Remove `Trainer(gradient_clip_val=...)` (use"
                 " AdaptiveGradientClipping(mode='norm', clip_val=...) for a fixed threshold)."
             )
         kind = _L.strategy_kind(trainer)
