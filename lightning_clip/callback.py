@@ -367,23 +367,11 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         return n is not None and (self._step(trainer) + 1) % n == 0
 
     def _log(self, trainer: pl.Trainer, index: int, stats: ClipStats, state: ClipState) -> None:
-        values = torch.stack(
-            [
-                stats.norm.float(),
-                stats.threshold.float(),
-                state.ema.float(),
-                stats.coef.float(),
-                state.coef_min.float(),
-                state.clipped.float() / state.steps.clamp_min(1).float(),
-                state.nonfinite.float(),
-            ]
-        ).tolist()  # the one host sync of a logging step
-        state.reset_window()
-        metrics = {
-            self.metric_name(key, index): value
-            for key, value in zip(_CLIP_KEYS, values)
-            if value == value and abs(value) != float("inf")  # an inf threshold (no bound yet) is not drawn
-        }
+        values = window_metrics(stats, state)  # the one host sync of a logging step; starts a new window
+        # every series at every logging step, inf and nan included (TensorBoard draws no point for them): the margin
+        # chart needs its value, lower and upper series at the same steps. threshold = inf on a step with no bound
+        # (the seeding step, the warm-up); grad_norm = inf / nan on a non-finite step.
+        metrics = {self.metric_name(key, index): value for key, value in values.items()}
         self.last_metrics.update(metrics)
         # written straight to the loggers (as LearningRateMonitor does): an optimizer that did not step in a logging
         # step then leaves no stale value behind, and the step is the one Lightning's own metrics of the batch use
