@@ -29,17 +29,18 @@ def test_logged_series_follow_the_rule(tmp_path):
     assert len(norms) == 16 and len(ema) == 16
     # the logged pre-clip norms are the norms the model saw after backward
     assert norms == pytest.approx(model.backward_norms, rel=1e-5)
-    # step 1 has no bound, so no threshold is drawn; from step 2, threshold_t = alpha * m_(t-1)
-    assert len(thr) == 15
+    # step 1 has no bound: threshold inf (TensorBoard draws no point, the series stay aligned for the margin chart);
+    # from step 2, threshold_t = alpha * m_(t-1)
+    assert len(thr) == 16 and thr[0] == math.inf
     m = norms[0]
     assert ema[0] == pytest.approx(m, rel=1e-6)
     for t in range(1, 16):
-        assert thr[t - 1] == pytest.approx(alpha * m, rel=1e-5)
+        assert thr[t] == pytest.approx(alpha * m, rel=1e-5)
         m = beta * m + (1 - beta) * norms[t]
         assert ema[t] == pytest.approx(m, rel=1e-5)
         expected_coef = min(1.0, alpha * ema[t - 1] / norms[t])
         assert s["clip/clip_coef"][t] == pytest.approx(expected_coef, rel=1e-5)
-    assert all(math.isfinite(v) for vals in s.values() for v in vals)
+    assert all(math.isfinite(v) for k, vals in s.items() for v in (vals[1:] if k == "clip/threshold" else vals))
     # some steps clipped, some did not: the test exercises both branches
     fracs = s["clip/clipped_frac"]
     assert set(fracs) == {0.0, 1.0}

@@ -108,11 +108,6 @@ def test_custom_scalars_tab_shows_the_key_chart_first_with_named_series_and_the_
         assert f.read(8) == b"\x89PNG\r\n\x1a\n" and size > 20_000
 
 
-@pytest.mark.xfail(
-    reason="the callback logs no threshold on a step with no bound (the first step, warm-up), so with a logging "
-    "step there the margin chart's value/lower/upper steps differ and TensorBoard shows an error instead of it",
-    strict=False,
-)
 def test_key_chart_draws_when_step_zero_is_logged(tmp_path):
     logger = pl.loggers.TensorBoardLogger(str(tmp_path / "logs"), name="run", version=0)
     kwargs = trainer_kwargs(tmp_path, max_steps=6, logger=logger, callbacks=[AdaptiveGradientClipping()])
