@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -21,15 +21,25 @@ from lightning_clip.dashboard import (
     per_optimizer_layout,
     write_layout,
 )
-from lightning_clip.functional import ClipMode, ClipRule, ClipState, ClipStats, clip_grads_, real_view
+from lightning_clip.functional import (
+    CLIP_METRIC_KEYS,
+    NONFINITE_POLICIES,
+    ClipMode,
+    ClipRule,
+    ClipState,
+    ClipStats,
+    NonFinitePolicy,
+    clip_step_,
+    per_tensor_norms,
+    window_metrics,
+)
 from lightning_clip.monitor import SPARSITY_METRICS, _SparsityLogging
 from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, _check_relative_to, _check_tol
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-NonFinitePolicy = Literal["zero", "skip", "error"]
-_POLICIES = ("zero", "skip", "error")
+_POLICIES = NONFINITE_POLICIES
 
 #: The metrics written at each logging step, with what they mean (``m`` is the moving average of the norm).
 METRICS: dict[str, str] = {
@@ -42,15 +52,7 @@ METRICS: dict[str, str] = {
     "nonfinite_steps": "steps since the last log whose norm was inf or nan",
     **SPARSITY_METRICS,
 }
-_CLIP_KEYS = (
-    "grad_norm",
-    "threshold",
-    "grad_norm_ema",
-    "clip_coef",
-    "clip_coef_min",
-    "clipped_frac",
-    "nonfinite_steps",
-)
+_CLIP_KEYS = CLIP_METRIC_KEYS
 
 
 class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
@@ -244,14 +246,39 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
                 " AdaptiveGradientClipping(mode='norm', clip_val=...) for a fixed threshold)."
             )
         kind = _L.strategy_kind(trainer)
-        if kind not in ("single", "ddp", "xla"):
+        name = type(trainer.strategy).__name__
+        if kind == "deepspeed":
             raise ValueError(
-                f"Invalid strategy: {type(trainer.strategy).__name__}; AdaptiveGradientClipping supports single-device"
-                " and DDP-style strategies (whole gradients on every rank), not sharded gradients (FSDP, DeepSpeed,"
-                " model parallel)."
+                f"Invalid strategy: {name}; DeepSpeed partitions and reduces the gradients inside its own engine"
+                " (ZeRO stages 1-3), so the optimizer-step hook never sees the whole gradient and a norm taken there"
+                " would be silently wrong. Use strategy='ddp' (whole gradients) or strategy=ModelParallelStrategy()"
+                " (FSDP2 / tensor parallel, DTensor gradients), which this callback clips exactly; or DeepSpeed's own"
+                " clipping (its 'gradient_clipping' config) without this callback."
+            )
+        if kind == "fsdp":
+            raise ValueError(
+                f"Invalid strategy: {name}; FSDP1's flat-parameter shards are plain tensors whose layout the callback"
+                " does not reduce yet, and a norm of the local shard alone would be silently wrong. Use"
+                " strategy=ModelParallelStrategy() with fully_shard (FSDP2: DTensor gradients, clipped exactly) in"
+                " configure_model, or strategy='ddp'."
+            )
+        if kind not in ("single", "ddp", "xla", "model_parallel"):
+            raise ValueError(
+                f"Invalid strategy: {name}; expected a single-device, DDP-style or ModelParallelStrategy (FSDP2 /"
+                " tensor parallel) strategy: the callback must know how the gradients are laid out to take the norm"
+                " of the whole model."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_clip.wrapper import AdaptiveClippingOptimizer
+
+        wrapped = [type(o).__name__ for o in trainer.optimizers if isinstance(o, AdaptiveClippingOptimizer)]
+        if wrapped:
+            raise ValueError(
+                f"Invalid optimizer: {wrapped[0]} with the AdaptiveGradientClipping callback: both clip the gradients,"
+                " so every step would be clipped twice. Use one of them: remove the callback, or return the plain"
+                " optimizer from configure_optimizers."
+            )
         self._names = optimizer_names(trainer.optimizers)
         if self.dashboard:
             write_layout(trainer)
@@ -277,27 +304,27 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         if any(g.is_sparse for g in grads):
             raise RuntimeError("AdaptiveGradientClipping does not support sparse gradients")
         if self.histogram_every_n_steps is not None and self._histogram_step(trainer):
-            reals = [real_view(g) for g in grads]  # a complex entry counts by |z|
-            per_layer = torch.stack(torch._foreach_norm(reals, 2.0, dtype=torch.float32))  # before clipping
+            per_layer = per_tensor_norms(grads).float()  # before clipping; a complex entry by |z|; whole DTensors
             log_histogram(trainer, self.metric_name("grad_norm_per_layer", index), per_layer, self._step(trainer))
         state = self._state(index, grads[0].device)
         scaler = self._scaler(trainer)
         grad_scale = (
             _L.scale_tensor(scaler) if scaler is not None and _L.optimizer_handles_unscaling(optimizer) else None
         )
-        keep = scaler is not None or self.nonfinite != "zero"
-        stats = clip_grads_(
-            grads,
+        stats = clip_step_(
+            params,
             state,
             self.rule,
-            nonfinite="keep" if keep else "zero",
+            nonfinite=self.nonfinite,
+            scaler_skips=scaler is not None,
             grad_scale=grad_scale,
             foreach=self.foreach,
             fused=self.fused,
+            where=f"global step {trainer.global_step}",
+            owner="AdaptiveGradientClipping",
+            names=lambda: {id(p): n for n, p in pl_module.named_parameters()},
         )
         self._last[index] = stats
-        if scaler is None and self.nonfinite != "zero" and not bool(stats.finite):  # one sync, by choice
-            self._handle_nonfinite(trainer, pl_module, params, stats)
         if _L.should_update_logs(trainer):
             self._log(trainer, index, stats, state)
         if self.log_sparsity:  # arms a copy on logging steps only (after the clipping and a skip)
@@ -317,29 +344,6 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._sparsity.close()
-
-    def _handle_nonfinite(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], stats: ClipStats
-    ) -> None:
-        if self.nonfinite == "error":
-            names = {id(p): n for n, p in pl_module.named_parameters()}
-            named = [(names.get(id(p), f"<param {i}>"), p) for i, p in enumerate(params)]
-            bad = [name for name, p in named if not p.grad.isfinite().all()]
-            if bad:
-                raise RuntimeError(
-                    f"Non-finite gradients at global step {trainer.global_step} in: {', '.join(bad)}"
-                    " (AdaptiveGradientClipping(nonfinite='error'))"
-                )
-            largest = sorted(((float(p.grad.abs().amax()), name) for name, p in named if p.grad.numel()), reverse=True)
-            top = ", ".join(f"{name} (max |g| = {value:.3g})" for value, name in largest[:3])
-            raise RuntimeError(
-                f"Gradient norm overflow at global step {trainer.global_step}: every gradient entry is finite, but"
-                f" the global norm overflowed to {float(stats.norm)} in {stats.norm.dtype} (it is accumulated in"
-                f" float32 for float32 and lower-precision gradients). The largest entries are in: {top}"
-                " (AdaptiveGradientClipping(nonfinite='error'))"
-            )
-        for p in params:
-            p.grad = None
 
     # -------------------------------------------------------------- logging
     def metric_name(self, metric: str, index: int = 0) -> str:

@@ -36,7 +36,7 @@ to ``[-clip_val, clip_val]``; both still track ``m`` so that the logs compare li
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,20 +46,44 @@ from torch import Tensor
 from lightning_clip._validation import check_choice, check_int, check_real
 
 __all__ = [
+    "CLIP_METRIC_KEYS",
+    "NONFINITE_POLICIES",
     "ClipMode",
     "ClipRule",
     "ClipState",
     "ClipStats",
     "NonFinite",
+    "NonFinitePolicy",
     "clip_grads_",
+    "clip_step_",
     "fused_scale_grads_",
     "global_grad_norm",
+    "global_max_abs",
+    "is_dtensor",
+    "local_tensor",
+    "per_tensor_norms",
+    "sum_over_shards",
     "scale_grads_",
+    "window_metrics",
 ]
 
 ClipMode = Literal["adaptive", "norm", "value"]
 NonFinite = Literal["zero", "keep"]
+#: What a step whose norm is ``inf``/``nan`` does, as the callback and the optimizer wrapper take it.
+NonFinitePolicy = Literal["zero", "skip", "error"]
+NONFINITE_POLICIES = ("zero", "skip", "error")
 _MODES = ("adaptive", "norm", "value")
+
+#: The per-step metrics of the clipping, in the order :func:`window_metrics` reads them.
+CLIP_METRIC_KEYS = (
+    "grad_norm",
+    "threshold",
+    "grad_norm_ema",
+    "clip_coef",
+    "clip_coef_min",
+    "clipped_frac",
+    "nonfinite_steps",
+)
 
 #: Floor of the norm in ``threshold / norm``: keeps ``0 / 0`` out without shifting any non-zero norm.
 TINY = torch.finfo(torch.float32).tiny
@@ -132,6 +156,122 @@ def _grad_norms(grads: list[Tensor], *, foreach: bool) -> list[Tensor]:
     return [torch.sqrt(_squared_norm(g)) for g in grads]
 
 
+# --------------------------------------------------------------------------- #
+# gradient layouts: plain tensors and DTensors (FSDP2 / fully_shard, tensor parallel)
+# --------------------------------------------------------------------------- #
+def _dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or ``None`` where torch has no distributed support."""
+    global _DTENSOR
+    if _DTENSOR is False:
+        try:
+            from torch.distributed.tensor import DTensor
+
+            _DTENSOR = DTensor
+        except Exception:  # pragma: no cover - builds without torch.distributed
+            _DTENSOR = None
+    return _DTENSOR  # type: ignore[return-value]
+
+
+_DTENSOR: type | None | bool = False
+
+
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (checked without importing ``torch.distributed`` for plain tensors)."""
+    if type(tensor) in (Tensor, torch.nn.Parameter):
+        return False
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this rank holds: a DTensor's local shard (sharing its memory, so in-place arithmetic
+    on it is arithmetic on the DTensor), a plain tensor itself."""
+    return tensor._local_tensor if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+@dataclass
+class _Layout:
+    """Gradients of one layout: plain tensors (``mesh is None``: whole on this rank, counted as they are) or the
+    local shards of DTensors on one device mesh, to be summed over the mesh dimensions ``dims`` on which they are
+    sharded (never over a ``Replicate`` dimension, whose ranks hold copies)."""
+
+    mesh: object | None
+    dims: tuple[int, ...]
+    index: list[int]
+    local: list[Tensor]
+
+
+def _layouts(grads: Sequence[Tensor]) -> list[_Layout]:
+    """Split gradients by layout: the plain tensors first (one group), then the DTensors by (mesh, sharded dims).
+
+    A ``Partial`` placement (a pending sum, as after some tensor-parallel ops) is first redistributed to
+    ``Replicate`` by DTensor itself (one collective), since the norm of a sum is not the sum of the norms.
+    """
+    plain = _Layout(None, (), [], [])
+    groups: dict[tuple[object, tuple[int, ...]], _Layout] = {}
+    for i, g in enumerate(grads):
+        if not is_dtensor(g):
+            plain.index.append(i)
+            plain.local.append(g)
+            continue
+        placements = tuple(g.placements)  # type: ignore[attr-defined]
+        if any(p.is_partial() for p in placements):
+            from torch.distributed.tensor import Replicate
+
+            g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p for p in placements])  # type: ignore[attr-defined]
+            placements = tuple(g.placements)  # type: ignore[attr-defined]
+        mesh = g.device_mesh  # type: ignore[attr-defined]
+        dims = tuple(d for d, p in enumerate(placements) if not p.is_replicate())
+        key = (mesh, dims) if dims else (None, ())
+        group = plain if not dims else groups.setdefault(key, _Layout(mesh, dims, [], []))
+        group.index.append(i)
+        group.local.append(g._local_tensor)  # type: ignore[attr-defined]
+    return ([plain] if plain.index else []) + list(groups.values())
+
+
+def _reduce_over_shards(value: Tensor, layout: _Layout, op: str = "sum") -> Tensor:
+    """``value`` (this rank's partial result for ``layout``) reduced over the layout's sharded mesh dimensions with
+    DTensor's own reduction (``Partial(op)`` redistributed to ``Replicate``: one all-reduce on the device, no host
+    synchronisation); a plain layout's value is returned as it is."""
+    if layout.mesh is None:
+        return value
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = layout.mesh
+    placements = [Partial(op) if d in layout.dims else Replicate() for d in range(mesh.ndim)]  # type: ignore[attr-defined]
+    return DTensor.from_local(value, mesh, placements, run_check=False).full_tensor()
+
+
+def _local_squares(local: list[Tensor], *, foreach: bool, dtype: torch.dtype) -> Tensor:
+    """Per-tensor ``||g||^2`` of local tensors as one 1-d tensor of ``dtype`` (on the device of ``local[0]``)."""
+    local = _real_views(local)
+    if foreach:
+        norms = [n.to(dtype) for n in torch._foreach_norm(local, 2, dtype=_acc_dtype(local))]
+        return torch.stack([n.to(local[0].device) for n in norms]).square()
+    return torch.stack([_squared_norm(g).to(dtype).to(local[0].device) for g in local])
+
+
+def per_tensor_norms(grads: Sequence[Tensor], *, foreach: bool | None = None) -> Tensor:
+    r"""The L2 norm of each whole gradient, :math:`\lVert g_i \rVert_2`, as one float32 (float64 when a gradient
+    is float64) 1-d tensor in the order of ``grads``, whatever their layout.
+
+    A DTensor counts as the tensor it represents: the squares of its local shard are summed over the mesh
+    dimensions it is sharded on (DTensor's ``Partial`` reduction), never over replicated ones. Nothing is read
+    back to the host.
+    """
+    if not grads:
+        return torch.zeros(0)
+    dtype = _acc_dtype([local_tensor(g) for g in grads])
+    layouts = _layouts(grads)
+    device = layouts[0].local[0].device
+    out = torch.zeros(len(grads), dtype=dtype, device=device)
+    for layout in layouts:
+        use_foreach = _default_foreach(layout.local) if foreach is None else foreach
+        squares = _reduce_over_shards(_local_squares(layout.local, foreach=use_foreach, dtype=dtype), layout)
+        out[torch.tensor(layout.index, device=device)] = squares.to(device)
+    return out.sqrt()
+
+
 def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool | None = None) -> Tensor | None:
     r"""The L2 norm over all gradients, :math:`\sqrt{\sum_i \lVert g_i \rVert_2^2}`, as a 0-d tensor.
 
@@ -140,9 +280,24 @@ def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool | None = None) ->
     gradients in their own dtype, which loses digits the moving average then keeps. Nothing is read back to the
     host.
 
+    **Layouts.** Plain tensors count as they are (whole on this rank: one process, or DDP's already all-reduced
+    gradients). A ``DTensor`` (FSDP2 / ``fully_shard``, tensor parallel, both on a 2-d mesh) counts as the whole
+    tensor it represents: with ``S_L`` the sum of the squares of this rank's local shards of the DTensors of one
+    layout ``L`` (one device mesh and the set of mesh dimensions they are sharded on),
+
+    .. math:: n^2 = \sum_{\text{plain}} \lVert g \rVert^2 + \sum_L \sum_{\text{ranks } r \text{ along the
+        sharded dims of } L} S_L^{(r)}
+
+    each ``S_L`` reduced by DTensor itself (``Partial("sum")`` to ``Replicate``: one all-reduce per layout, on the
+    device) over the sharded mesh dimensions only, so a replicated part is counted once. Plain tensors and
+    DTensors on different meshes may be mixed in one call (a tensor-parallel model whose embeddings are not
+    parallelised), which ``get_total_norm`` refuses. Every rank gets the same value; a ``nan``/``inf`` entry on
+    one rank's shard makes the norm ``nan``/``inf`` on every rank. With DTensors, every rank of their meshes must
+    call this (it is a collective).
+
     Args:
-        grads: dense gradients, on one device or several; a complex entry ``z`` counts by its modulus ``|z|``, as in
-            ``get_total_norm``.
+        grads: dense gradients, plain tensors on one device or several, and/or DTensors; a complex entry ``z``
+            counts by its modulus ``|z|``, as in ``get_total_norm``.
         foreach: ``True``: ``torch._foreach_norm`` (one launch on CUDA); ``False``: a loop of BLAS dot products in
             reverse order, about twice as fast on CPU and leaving the first tensors in the cache for the pass that
             follows; ``None``: by device.
@@ -153,6 +308,8 @@ def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool | None = None) ->
     """
     if not grads:
         return None
+    if any(is_dtensor(g) for g in grads):
+        return _sharded_norm(grads, foreach=foreach)
     grads = _real_views(grads)
     if foreach is None:
         foreach = _default_foreach(grads)
@@ -173,6 +330,62 @@ def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool | None = None) ->
     if len(totals) == 1:
         return totals[0]
     return torch.linalg.vector_norm(torch.stack(totals), 2)
+
+
+def _sharded_norm(grads: Sequence[Tensor], *, foreach: bool | None) -> Tensor:
+    """:func:`global_grad_norm` when some gradients are DTensors: per layout, the local sum of squares reduced over
+    the sharded mesh dimensions, then the square root of the sum over the layouts."""
+    dtype = _acc_dtype([local_tensor(g) for g in grads])
+    layouts = _layouts(grads)
+    device = layouts[0].local[0].device
+    totals = []
+    for layout in layouts:
+        use_foreach = _default_foreach(layout.local) if foreach is None else foreach
+        if layout.mesh is None:
+            totals.append(global_grad_norm(layout.local, foreach=use_foreach).to(dtype).square().to(device))
+            continue
+        local = _local_squares(layout.local, foreach=use_foreach, dtype=dtype).sum()
+        totals.append(_reduce_over_shards(local, layout).to(device))
+    return torch.stack(totals).sum().sqrt()
+
+
+def sum_over_shards(tensors: Sequence[Tensor], rows: Tensor) -> Tensor:
+    """Per-tensor statistics summed over the ranks that hold the other shards of each tensor.
+
+    ``rows[i]`` is this rank's partial statistic of ``tensors[i]`` (for a DTensor, of its local shard; any trailing
+    shape). Row ``i`` of the result is summed over the mesh dimensions on which ``tensors[i]`` is sharded (DTensor's
+    ``Partial("sum")`` reduction, one all-reduce per layout, on the device) and left as it is for plain tensors and
+    replicated dimensions, so each shard counts once. Every rank of the meshes involved must call it.
+    """
+    if not any(is_dtensor(t) for t in tensors):
+        return rows
+    out = rows.clone()
+    for layout in _layouts(tensors):
+        if layout.mesh is None:
+            continue
+        index = torch.tensor(layout.index, device=rows.device)
+        out[index] = _reduce_over_shards(rows[index].contiguous(), layout).to(rows.device)
+    return out
+
+
+def global_max_abs(grads: Sequence[Tensor]) -> Tensor:
+    """The largest ``|g_i|`` over all entries of all gradients (the modulus for complex entries), whatever their
+    layout (a DTensor's local maxima are reduced with ``Partial("max")`` over its sharded mesh dimensions), as a
+    0-d float32 (float64 for float64 gradients) tensor; ``0`` when there is no entry. ``nan`` propagates."""
+    dtype = _acc_dtype([local_tensor(g) for g in grads]) if grads else torch.float32
+    layouts = _layouts(grads)
+    if not layouts:
+        return torch.zeros((), dtype=dtype)
+    device = layouts[0].local[0].device
+    out = [torch.zeros((), dtype=dtype, device=device)]
+    for layout in layouts:
+        local = [g for g in layout.local if g.numel()]
+        maxima = [torch.zeros((), dtype=dtype, device=device)]
+        real = [g for g in local if not g.is_complex()]
+        maxima += [n.to(dtype).to(device) for n in (torch._foreach_norm(real, math.inf) if real else ())]
+        maxima += [z.abs().amax().to(dtype).to(device) for z in local if z.is_complex()]
+        out.append(_reduce_over_shards(torch.stack(maxima).amax(), layout, "max").to(device))
+    return torch.stack(out).amax()
 
 
 #: Integer views of the float dtypes: ``bits & 0`` is ``+0.0`` whatever the float was (``nan`` and ``inf`` too),
@@ -449,6 +662,9 @@ def clip_grads_(
     grads = _real_views(originals)  # complex entries as (Re, Im) pairs: same norm, and scaling by a real c is the same
     norm = global_grad_norm(grads, foreach=foreach)
     assert norm is not None, "clip_grads_ needs at least one gradient"
+    sharded = any(is_dtensor(g) for g in originals)
+    if sharded:  # the norm is the whole model's; the scale and the clamp apply to this rank's shards
+        dtensors, originals, grads = grads, [local_tensor(g) for g in originals], [local_tensor(g) for g in grads]
     if grad_scale is not None:
         norm = norm / grad_scale.to(norm)
     finite = torch.isfinite(norm)
@@ -462,18 +678,21 @@ def clip_grads_(
             )
         real = [g for g in originals if not g.is_complex()]
         complex_grads = [g for g in originals if g.is_complex()]
-        largest = torch.stack(
-            [torch.zeros((), dtype=norm.dtype, device=norm.device)]
-            + [n.to(norm) for n in (torch._foreach_norm(real, math.inf) if real else ())]
-            + [z.abs().amax().to(norm) for z in complex_grads if z.numel()]
-        ).amax()
+        if sharded:
+            largest = global_max_abs(dtensors).to(norm)
+        else:
+            largest = torch.stack(
+                [torch.zeros((), dtype=norm.dtype, device=norm.device)]
+                + [n.to(norm) for n in (torch._foreach_norm(real, math.inf) if real else ())]
+                + [z.abs().amax().to(norm) for z in complex_grads if z.numel()]
+            ).amax()
         clipped = finite & (largest > bound)
         if real:
             torch._foreach_clamp_min_(real, -bound)
             torch._foreach_clamp_max_(real, bound)
         for z in complex_grads:  # |z| <= bound, phase kept
             z.mul_(torch.clamp(bound / z.abs().clamp_min(TINY), max=1.0))
-        post = global_grad_norm(grads, foreach=foreach)
+        post = global_grad_norm(dtensors if sharded else grads, foreach=foreach)
         coef = torch.where(norm > 0, post / norm.clamp_min(TINY), 1.0)
         coef = torch.where(finite, coef, 0.0 if zero else 1.0).to(torch.float32)
         scale_grads_(grads, torch.where(finite, 1.0, coef), zero_nonfinite=zero, foreach=foreach)
@@ -513,3 +732,115 @@ def _update_average(state: ClipState, rule: ClipRule, norm: Tensor, finite: Tens
     averaged = torch.where(seen == 1, n, averaged)
     state.ema.copy_(torch.where(informative, averaged, state.ema))
     state.seen.copy_(seen)
+
+
+# --------------------------------------------------------------------------- #
+# one optimizer step, as the callback and the optimizer wrapper run it
+# --------------------------------------------------------------------------- #
+def clip_step_(
+    params: Sequence[Tensor],
+    state: ClipState,
+    rule: ClipRule,
+    *,
+    nonfinite: NonFinitePolicy = "zero",
+    scaler_skips: bool = False,
+    grad_scale: Tensor | None = None,
+    foreach: bool | None = None,
+    fused: bool = False,
+    where: str = "step 0",
+    owner: str = "AdaptiveGradientClipping",
+    names: Callable[[], Mapping[int, str]] | None = None,
+) -> ClipStats:
+    """One optimizer step of the package's clipping: :func:`clip_grads_` on ``params``' gradients, then the
+    non-finite policy. The one implementation behind ``AdaptiveGradientClipping`` and ``AdaptiveClippingOptimizer``.
+
+    With ``nonfinite="zero"`` (and under a ``GradScaler``) nothing is read back to the host: a step whose norm is
+    ``inf``/``nan`` has every gradient entry set to ``0`` (or, ``scaler_skips``, left as it is for the scaler to
+    skip). ``"skip"`` and ``"error"`` read ``isfinite(n_t)`` once (one host sync) and, for such a step, set every
+    gradient to ``None`` (torch optimizers then leave the parameters and their state untouched) or raise.
+
+    Args:
+        params: the optimizer's parameters that have a gradient (dense, non-empty).
+        state: the rule's state for that optimizer, on the gradients' device.
+        rule: the settings.
+        nonfinite: ``"zero"``, ``"skip"`` or ``"error"``.
+        scaler_skips: a ``GradScaler`` skips non-finite steps itself: leave their gradients alone.
+        grad_scale: the loss scale ``S`` when the gradients are still scaled (see :func:`clip_grads_`).
+        foreach: kernel choice of :func:`scale_grads_`.
+        fused: scale (and zero) in one compiled pass.
+        where: the step, for the error message (``"global step 3"``).
+        owner: the caller, for the error message (``"AdaptiveGradientClipping"``).
+        names: called only to build an error message: ``id(parameter) -> name``.
+
+    Returns:
+        The step's :class:`ClipStats`.
+
+    Raises:
+        RuntimeError: with ``nonfinite="error"``, on a step whose norm is not finite, naming the step and the
+            parameters whose gradients are not finite (or the largest entries, when the norm overflowed).
+    """
+    keep = scaler_skips or nonfinite != "zero"
+    stats = clip_grads_(
+        [p.grad for p in params],
+        state,
+        rule,
+        nonfinite="keep" if keep else "zero",
+        grad_scale=grad_scale,
+        foreach=foreach,
+        fused=fused,
+    )
+    if not scaler_skips and nonfinite != "zero" and not bool(stats.finite):  # one sync, by choice
+        _apply_nonfinite_policy(params, stats, nonfinite, where=where, owner=owner, names=names)
+    return stats
+
+
+def _apply_nonfinite_policy(
+    params: Sequence[Tensor],
+    stats: ClipStats,
+    nonfinite: NonFinitePolicy,
+    *,
+    where: str,
+    owner: str,
+    names: Callable[[], Mapping[int, str]] | None,
+) -> None:
+    if nonfinite == "error":
+        known = names() if names is not None else {}
+        named = [(known.get(id(p), f"<param {i}>"), p) for i, p in enumerate(params)]
+        bad = [name for name, p in named if not p.grad.isfinite().all()]
+        if bad:
+            raise RuntimeError(f"Non-finite gradients at {where} in: {', '.join(bad)} ({owner}(nonfinite='error'))")
+        largest = sorted(((float(p.grad.abs().amax()), name) for name, p in named if p.grad.numel()), reverse=True)
+        top = ", ".join(f"{name} (max |g| = {value:.3g})" for value, name in largest[:3])
+        raise RuntimeError(
+            f"Gradient norm overflow at {where}: every gradient entry is finite, but"
+            f" the global norm overflowed to {float(stats.norm)} in {stats.norm.dtype} (it is accumulated in"
+            f" float32 for float32 and lower-precision gradients). The largest entries are in: {top}"
+            f" ({owner}(nonfinite='error'))"
+        )
+    for p in params:
+        p.grad = None
+
+
+def window_metrics(stats: ClipStats, state: ClipState) -> dict[str, float]:
+    """The metrics of :data:`CLIP_METRIC_KEYS` for the last step and the window since the last read, as floats;
+    then starts a new window. One host sync (the one of a logging step).
+
+    ``grad_norm`` ``n_t``, ``threshold`` (``inf`` on a step with no bound: the seeding step, the warm-up),
+    ``grad_norm_ema`` ``m_t``, ``clip_coef`` ``c_t``, ``clip_coef_min`` (smallest ``c`` of the window),
+    ``clipped_frac`` (clipped / finite steps of the window), ``nonfinite_steps``. Every value is returned, ``inf``
+    and ``nan`` included (TensorBoard draws no point for them): a margin chart needs its value, lower and upper
+    series at the same steps.
+    """
+    values = torch.stack(
+        [
+            stats.norm.float(),
+            stats.threshold.float(),
+            state.ema.float(),
+            stats.coef.float(),
+            state.coef_min.float(),
+            state.clipped.float() / state.steps.clamp_min(1).float(),
+            state.nonfinite.float(),
+        ]
+    ).tolist()
+    state.reset_window()
+    return dict(zip(CLIP_METRIC_KEYS, values))

@@ -35,6 +35,24 @@ so the lr rule reads "the gradient (or SGD's momentum) is below ``tol``"; use ``
 scale-free: an entry is negligible when it moved by less than ``tol`` times the root-mean-square update of the
 optimizer. A group at ``lr = 0`` counts, under the lr rule, exactly the entries that did not move at all.
 
+**Bounded memory (sampling).** A measurement copies at most ``max_entries`` entries per optimizer (default
+:data:`DEFAULT_MAX_ENTRIES` ``= 2**16``), whatever the size of the model. When the optimizer's ``N`` trainable
+entries (on this rank: a DTensor's local shard) are at most ``max_entries``, every entry is measured exactly.
+Otherwise each tensor ``i`` of ``n_i`` entries gets a fixed random sample (drawn once, with replacement, from a
+generator seeded by the tensor's position: the same on every rank) of ``k_i = ceil(max_entries * n_i / N)``
+entries (every entry when ``k_i >= n_i``), and the fraction is the stratified estimate
+``sum_i n_i * (c_i / k_i) / sum_i n_i`` (``c_i`` negligible entries among the ``k_i``; under ``"rms"`` the rms is
+estimated the same way). It is unbiased, and its standard error is at most ``1 / (2 sqrt(max_entries))``
+(``0.002`` at the default): ``Var = sum_i (n_i / N)^2 p_i (1 - p_i) / k_i <= 1 / (4 max_entries)``. Extra memory
+of a logging step: the sampled values (``(max_entries + T) * element_size`` for ``T`` tensors) and their indices
+(8 bytes each, held for the run), and the temporaries of the comparison (one sampled delta and its mask): about
+1.2 MiB for float32 weights at the default, independent of the model's size; ``max_entries=None`` measures every
+entry (one full copy of the weights).
+
+**Sharded parameters** (DTensors: FSDP2, tensor parallel): each rank measures its local shards, and the counts are
+summed over the ranks holding the other shards (:func:`lightning_clip.functional.sum_over_shards`), so every rank
+logs the fraction of the whole model.
+
 **Cumulative sparsity** (opt-in, it holds one extra copy of the weights for the whole window): with
 ``W_0`` the weights at the start of the window (the previous measurement) and ``S_g = sum of lr_g`` over the
 optimizer steps of the window, an entry is negligible over the window when::
@@ -55,10 +73,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clip._validation import check_choice, check_flag, check_real
-from lightning_clip.functional import real_view
+from lightning_clip._validation import check_choice, check_flag, check_int, check_real
+from lightning_clip.functional import local_tensor, real_view, sum_over_shards
 
 __all__ = [
+    "DEFAULT_MAX_ENTRIES",
     "DEFAULT_TOL",
     "RelativeTo",
     "UpdateSparsityTracker",
@@ -71,6 +90,9 @@ _RELATIVE = ("lr", "rms")
 
 #: Default tolerance: an update is negligible below a tenth of ``lr`` (see the module docstring for the reasoning).
 DEFAULT_TOL = 0.1
+
+#: Default bound on the entries a measurement copies per optimizer (module docstring: standard error <= 0.002).
+DEFAULT_MAX_ENTRIES = 2**16
 
 
 def _check_tol(tol: float, *, name: str = "tol") -> float:
@@ -157,15 +179,90 @@ def _lr_of(group: dict) -> float | Tensor:
     return lr.detach().clone() if isinstance(lr, Tensor) else float(lr)
 
 
+class _Sampled:
+    """What a measurement reads of one parameter: all of its (local) entries, or a fixed random sample of them.
+
+    ``values(p)`` returns the measured entries as a flat tensor: a copy when sampled (``index`` set), the local
+    tensor's flat view (no copy) otherwise; ``weight = n / k`` is the number of entries each measured one stands for.
+    """
+
+    __slots__ = ("index", "numel", "weight")
+
+    def __init__(self, index: Tensor | None, numel: int) -> None:
+        self.index = index
+        self.numel = numel
+        self.weight = 1.0 if index is None else numel / index.numel()
+
+    def values(self, param: Tensor) -> Tensor:
+        flat = local_tensor(param.detach()).reshape(-1)
+        return flat if self.index is None else flat[self.index]
+
+    @property
+    def index_bytes(self) -> int:
+        return 0 if self.index is None else self.index.numel() * self.index.element_size()
+
+
+def _sample_plan(params: Sequence[Tensor], max_entries: int | None) -> dict[int, _Sampled]:
+    """``{id(p): _Sampled}``: every entry when the (local) entries number at most ``max_entries``, else
+    ``k_i = ceil(max_entries * n_i / N)`` entries of tensor ``i``, drawn with replacement from a generator seeded
+    with ``i`` (the same on every rank), or every entry when ``k_i >= n_i``."""
+    numels = [local_tensor(p).numel() for p in params]
+    total = sum(numels)
+    plan = {}
+    for i, (p, n) in enumerate(zip(params, numels)):
+        k = n if max_entries is None or total <= max_entries else -(-max_entries * n // total)
+        if k >= n:
+            plan[id(p)] = _Sampled(None, n)
+            continue
+        gen = torch.Generator().manual_seed(i)
+        index = torch.randint(0, n, (k,), generator=gen).to(local_tensor(p).device)
+        plan[id(p)] = _Sampled(index, n)
+    return plan
+
+
+def _measure(
+    params: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    samples: Sequence[_Sampled],
+    bounds: Sequence[float | Tensor],
+    *,
+    tol: float,
+    relative_to: RelativeTo,
+) -> Tensor:
+    """The (estimated) negligible fraction of the whole model's entries from the measured ``deltas`` (flat), each
+    standing for ``weight`` entries, summed over the shards of sharded ``params`` (module docstring)."""
+    device = deltas[0].device
+    dtype = torch.float64
+    numels = torch.tensor([float(s.numel) for s in samples], dtype=dtype, device=device)
+    weights = torch.tensor([s.weight for s in samples], dtype=dtype, device=device)
+    if relative_to == "rms":
+        reals = [real_view(d) for d in deltas]
+        acc = torch.float64 if any(d.dtype == torch.float64 for d in reals) else torch.float32
+        squares = torch.stack([n.to(device).to(dtype) for n in torch._foreach_norm(reals, 2.0, dtype=acc)]).square()
+        rows = sum_over_shards(params, torch.stack([squares * weights, numels], dim=1)).sum(0)
+        limit = torch.sqrt(rows[0] / rows[1].clamp_min(1)) * tol
+        limits: list[float | Tensor] = [limit] * len(deltas)
+    else:
+        limits = [b * tol if isinstance(b, Tensor) else float(b) * tol for b in bounds]
+    counts = []
+    for d, lim in zip(deltas, limits):
+        mag = d.abs() if d.dtype in (torch.float32, torch.float64) or d.is_complex() else d.float().abs()
+        lim_t = lim.to(device=d.device, dtype=mag.dtype) if isinstance(lim, Tensor) else lim
+        counts.append(mag.le_(lim_t).sum().to(device))
+    counts_t = torch.stack(counts).to(dtype)
+    rows = sum_over_shards(params, torch.stack([counts_t * weights, numels], dim=1)).sum(0)
+    return (rows[0] / rows[1]).to(torch.float32)
+
+
 class UpdateSparsityTracker:
     r"""Measures the update sparsity of one optimizer on the steps it is armed for.
 
-    * :meth:`arm` (call it right before ``optimizer.step()`` on a measured step) copies the parameters that hold a
-      gradient and registers a one-shot step post-hook; the hook computes the sparsity of that step (a device
-      tensor, read with :meth:`pop`) and frees the copy; :meth:`disarm` removes the hook. A step that is not armed
-      costs nothing.
-    * With ``cumulative=True``, :meth:`start_window` copies every trainable parameter of the optimizer (one copy of
-      the weights, held for the whole window), :meth:`count_step` adds the step's learning rates to the window's
+    * :meth:`arm` (call it right before ``optimizer.step()`` on a measured step) copies the measured entries of the
+      parameters that hold a gradient (all of them, or a bounded sample: ``max_entries``) and registers a one-shot
+      step post-hook; the hook computes the sparsity of that step (a device tensor, read with :meth:`pop`) and
+      frees the copy; :meth:`disarm` removes the hook. A step that is not armed costs nothing.
+    * With ``cumulative=True``, :meth:`start_window` copies the measured entries of every trainable parameter of
+      the optimizer (held for the whole window), :meth:`count_step` adds the step's learning rates to the window's
       ``S_g`` (Python floats, no device work), and a measured step also measures the window (:meth:`pop_cumulative`)
       and starts the next one (:meth:`measure_window` does it by hand).
 
@@ -174,18 +271,27 @@ class UpdateSparsityTracker:
         tol: the tolerance of the negligible rule (module docstring), ``>= 0``.
         relative_to: ``"lr"`` (``|dw| <= tol * lr_g``) or ``"rms"`` (``|dw| <= tol * rms(dw)``).
         cumulative: also measure the sparsity of the total movement over a window.
+        max_entries: the most entries a measurement copies (an integer ``>= 1``; module docstring: exact below it,
+            a stratified random sample above it, standard error ``<= 1 / (2 sqrt(max_entries))``); ``None``: every
+            entry (one copy of the weights).
 
-    Complex parameters are measured by the modulus of their update, ``|dw|``.
+    Complex parameters are measured by the modulus of their update, ``|dw|``. With DTensor parameters, every rank
+    of their meshes must measure the same steps (the counts are all-reduced).
 
     Raises:
         TypeError: naming the argument and its value for an ``optimizer`` that is not a torch optimizer, a ``tol``
             that is not a number (a ``bool``, a string), a non-string ``relative_to`` or a non-bool ``cumulative``.
-        ValueError: naming the argument and its value for a negative or non-finite ``tol`` or an unknown
-            ``relative_to``.
+        ValueError: naming the argument and its value for a negative or non-finite ``tol``, an unknown
+            ``relative_to`` or a ``max_entries < 1``.
     """
 
     def __init__(
-        self, optimizer: Optimizer, tol: float = DEFAULT_TOL, relative_to: RelativeTo = "lr", cumulative: bool = False
+        self,
+        optimizer: Optimizer,
+        tol: float = DEFAULT_TOL,
+        relative_to: RelativeTo = "lr",
+        cumulative: bool = False,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"Invalid optimizer: {optimizer!r}; expected a torch.optim.Optimizer")
@@ -193,6 +299,8 @@ class UpdateSparsityTracker:
         self.tol = _check_tol(tol)
         self.relative_to = _check_relative_to(relative_to)
         self.cumulative = check_flag("cumulative", cumulative)
+        self.max_entries = check_int("max_entries", max_entries, low=1, optional=True)
+        self._plan: dict[int, _Sampled] | None = None
         self._snapshot: list[tuple[Tensor, Tensor, float | Tensor]] | None = None
         self._handle = None
         self._on_done: Callable[[UpdateSparsityTracker], None] | None = None
@@ -200,6 +308,14 @@ class UpdateSparsityTracker:
         self._result_cumulative: Tensor | None = None
         self._window: list[tuple[Tensor, Tensor, int]] | None = None
         self._lr_sums: list[float | Tensor] = []
+
+    def _sampled(self, param: Tensor) -> _Sampled:
+        """The measurement plan of ``param``, made once for every parameter of the optimizer (sampled entries)."""
+        plan = self._plan
+        if plan is None or id(param) not in plan:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            plan = self._plan = _sample_plan(params, self.max_entries)
+        return plan[id(param)]
 
     # ------------------------------------------------------------- per step
     @property
@@ -209,14 +325,20 @@ class UpdateSparsityTracker:
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of parameter copies held right now (the per-step copy plus the window's)."""
+        """Bytes of parameter copies held right now (the per-step copy plus the window's; sample indices aside:
+        :attr:`index_bytes`)."""
         held = 0
         for entries in (self._snapshot or [], self._window or []):
             held += sum(copy.numel() * copy.element_size() for _, copy, _ in entries)
         return held
 
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of the sample indices (held for the run once a measurement was made; ``0`` when exact)."""
+        return sum(s.index_bytes for s in (self._plan or {}).values())
+
     def arm(self, on_done: Callable[[UpdateSparsityTracker], None] | None = None) -> None:
-        """Copy the parameters that hold a gradient and measure the next ``optimizer.step()``.
+        """Copy the measured entries of the parameters that hold a gradient and measure the next ``optimizer.step()``.
 
         Args:
             on_done: called with the tracker from the step's post-hook, once the results are ready
@@ -228,7 +350,7 @@ class UpdateSparsityTracker:
             lr = _lr_of(group)
             for p in group["params"]:
                 if p.grad is not None:
-                    snapshot.append((p, p.detach().clone(), lr))
+                    snapshot.append((p, self._sampled(p).values(p).clone(), lr))
         if not snapshot:
             return
         self._snapshot = snapshot
@@ -247,6 +369,15 @@ class UpdateSparsityTracker:
         self._snapshot = None
         self._on_done = None
 
+    def _deltas(self, entries: Sequence[tuple[Tensor, Tensor, object]]) -> list[Tensor]:
+        """``w(now) - w(copy)`` of the measured entries, written into the copies (no new full-size tensor)."""
+        out = []
+        for p, copy, _ in entries:
+            sampled = self._sampled(p)
+            now = sampled.values(p)
+            out.append(torch.sub(now, copy, out=copy))
+        return out
+
     def _after_step(self, optimizer: Optimizer, args: object, kwargs: object) -> None:
         snapshot, on_done = self._snapshot, self._on_done
         self._snapshot, self._on_done = None, None
@@ -255,11 +386,16 @@ class UpdateSparsityTracker:
         entries = [(p, copy, lr) for p, copy, lr in snapshot if p.grad is not None]
         del snapshot
         if entries:
-            deltas = [torch.sub(p.detach(), copy, out=copy) for p, copy, _ in entries]  # in place: no new copy
-            count, total = negligible_count(
-                deltas, [lr for _, _, lr in entries], tol=self.tol, relative_to=self.relative_to
+            deltas = self._deltas(entries)
+            params = [p for p, _, _ in entries]
+            self._result = _measure(
+                params,
+                deltas,
+                [self._sampled(p) for p in params],
+                [lr for _, _, lr in entries],
+                tol=self.tol,
+                relative_to=self.relative_to,
             )
-            self._result = count.to(torch.float64).div(total).to(torch.float32)
             del deltas, entries
         if self.cumulative:
             self._result_cumulative = self.measure_window()
@@ -278,14 +414,15 @@ class UpdateSparsityTracker:
 
     # --------------------------------------------------------- cumulative
     def start_window(self) -> None:
-        """Copy every trainable parameter of the optimizer (reusing the previous copy's memory) and reset ``S_g``."""
+        """Copy the measured entries of every trainable parameter (reusing the previous copy's memory); reset
+        ``S_g``."""
         params = [(p, gi) for gi, g in enumerate(self.optimizer.param_groups) for p in g["params"] if p.requires_grad]
         old = self._window
         if old is not None and len(old) == len(params) and all(a is p for (a, _, _), (p, _) in zip(old, params)):
             for p, copy, _ in old:
-                copy.copy_(p.detach())
+                copy.copy_(self._sampled(p).values(p))
         else:
-            self._window = [(p, p.detach().clone(), gi) for p, gi in params]
+            self._window = [(p, self._sampled(p).values(p).clone(), gi) for p, gi in params]
         self._lr_sums = [0.0 for _ in self.optimizer.param_groups]
 
     def count_step(self) -> None:
@@ -304,11 +441,14 @@ class UpdateSparsityTracker:
         if window is None or not window:
             self.start_window()
             return None
-        deltas = [torch.sub(p.detach(), copy, out=copy) for p, copy, _ in window]  # in place: no second copy
+        deltas = self._deltas(window)  # in place: no second copy
         bounds = [self._lr_sums[gi] if gi < len(self._lr_sums) else 0.0 for _, _, gi in window]
-        count, total = negligible_count(deltas, bounds, tol=self.tol, relative_to=self.relative_to)
+        params = [p for p, _, _ in window]
+        result = _measure(
+            params, deltas, [self._sampled(p) for p in params], bounds, tol=self.tol, relative_to=self.relative_to
+        )
         self.start_window()  # copies the weights back into the same buffers
-        return count.to(torch.float64).div(total).to(torch.float32)
+        return result
 
     def close(self) -> None:
         """Free every copy and remove the hook."""

@@ -1,0 +1,197 @@
+"""Real 2-process runs under Lightning's ``ModelParallelStrategy`` on CPU/gloo (gradients arrive as DTensors).
+
+Used by tests/test_sharded.py: ``python tests/sharded_run.py OUT_DIR``. Lightning's launcher starts the second
+process. Everything one run of the test needs happens here, in one pair of processes:
+
+* ``core``: the functional core on DTensors built with ``distribute_tensor`` (placements the strategy does not make:
+  ``Shard(1)``, ``Replicate``, ``Partial``, a second 2-d mesh, plain tensors mixed in), against float64 norms of the
+  full tensors;
+* ``fsdp2``: FSDP2 (``fully_shard``) data parallel, dp=2, each rank half of every global batch;
+* ``tp``: tensor parallel, tp=2, two layers parallelised (colwise, rowwise) and two left as plain tensors;
+* ``fsdp2_resume``: the fsdp2 run resumed from its step-3 distributed checkpoint (the end of the first epoch).
+
+Each writes ``OUT_DIR/{name}.rank{r}.json``: the float64 full-gradient norms before and after the callback at every
+step, the state, and the full weights at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+
+from lightning_clip import AdaptiveGradientClipping  # noqa: E402
+from tests.conftest import regression_loader  # noqa: E402
+from tests.lightning_ns import pl  # noqa: E402
+
+ALPHA, BETA, STEPS, LR = 1.05, 0.7, 6, 0.05
+#: ``cpu`` (gloo) here; the GPU check (tests/gpu) sets ``cuda`` (NCCL, two GPUs)
+ACCELERATOR = os.environ.get("LIGHTNING_CLIP_ACCELERATOR", "cpu")
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor a DTensor stands for (a plain tensor as it is), detached."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_norm64(tensors) -> float:
+    return math.sqrt(sum(float((full(t).double() ** 2).sum()) for t in tensors))
+
+
+class Net(pl.LightningModule):
+    """A 4-layer MLP. ``layout``: ``"single"`` (plain), ``"fsdp2"`` (every layer ``fully_shard``-ed over dp) or
+    ``"tp"`` (layers 1 and 2 colwise / rowwise parallel over tp; layers 0 and 3 plain tensors)."""
+
+    def __init__(self, layout: str = "single", dp: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16),
+                                 nn.Tanh(), nn.Linear(16, 1))
+        self.layout, self.dp = layout, dp
+
+    def configure_model(self) -> None:
+        if self.layout == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in (self.net[0], self.net[2], self.net[4], self.net[6]):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+        elif self.layout == "tp":
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"], {"2": ColwiseParallel(),
+                                                                               "4": RowwiseParallel()})
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def train_dataloader(self):
+        data = regression_loader(n=48).dataset  # 3 global batches of 16: an epoch ends at the step-3 checkpoint
+        rank = self.global_rank if self.layout == "fsdp2" else 0
+        indices = list(range(rank, len(data), self.dp))  # dp ranks read interleaved halves of each global batch
+        return DataLoader(Subset(data, indices), batch_size=16 // self.dp, shuffle=False)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=LR)
+
+
+class Recorder(pl.Callback):
+    """Appends the float64 norm of the whole gradient (full tensors) to ``norms`` at ``on_before_optimizer_step``."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.norms.append(full_norm64([p.grad for p in pl_module.parameters() if p.grad is not None]))
+
+
+def fit(layout: str, out: str | None, *, dp: int = 1, tp: int = 1, max_steps: int = STEPS, ckpt_dir: str | None = None,
+        ckpt_path: str | None = None, precision: str = "32-true") -> dict:
+    """One fit; returns (and with ``out`` writes, per rank) the record."""
+    pre, post = Recorder(), Recorder()
+    clip = AdaptiveGradientClipping(alpha=ALPHA, beta=BETA, histogram_every_n_steps=2)
+    callbacks = [pre, clip, post]
+    if ckpt_dir:
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1,
+                                                      filename="{step}"))
+    if layout == "single":
+        strategy, devices = "auto", 1
+    else:
+        strategy, devices = pl.strategies.ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp), 2
+    accelerator = "cpu" if layout == "single" else ACCELERATOR
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+                         enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks, use_distributed_sampler=False, log_every_n_steps=2, precision=precision)
+    model = Net(layout, dp)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    state = clip.clip_state()
+    record = {
+        "rank": trainer.global_rank,
+        "pre": pre.norms,
+        "post": post.norms,
+        "ema": float(state.ema),
+        "seen": int(state.seen),
+        "sparsity": clip.last_metrics.get("clip/update_sparsity"),
+        "weights": [float(v) for p in model.parameters() for v in full(p).flatten()],
+    }
+    if out:
+        with open(f"{out}.rank{trainer.global_rank}.json", "w") as f:
+            json.dump(record, f)
+    return record
+
+
+def core(out: str) -> None:
+    """The functional core on hand-built DTensors, against float64 norms of the full tensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+
+    from lightning_clip.functional import ClipRule, ClipState, clip_grads_, global_grad_norm, per_tensor_norms
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh(ACCELERATOR, (2,))
+    mesh2 = init_device_mesh(ACCELERATOR, (1, 2), mesh_dim_names=("a", "b"))  # another mesh, 2-d
+    gen = torch.Generator().manual_seed(1)
+    fulls = [torch.randn(6, 4, generator=gen), torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen),
+             torch.randn(3, 3, generator=gen), torch.randn(4, 2, generator=gen), torch.randn(3, 5, generator=gen)]
+
+    def build():
+        partial = distribute_tensor(fulls[5] / 2, mesh, [Replicate()])  # each rank holds half: a pending sum
+        partial = type(partial).from_local(partial.to_local(), mesh, [Partial()], run_check=False)
+        return [distribute_tensor(fulls[0], mesh, [Shard(0)]), distribute_tensor(fulls[1], mesh, [Shard(1)]),
+                distribute_tensor(fulls[2], mesh, [Replicate()]), fulls[3].clone(),
+                distribute_tensor(fulls[4], mesh2, [Replicate(), Shard(0)]), partial]
+
+    ref = math.sqrt(sum(float((t.double() ** 2).sum()) for t in fulls))
+    record = {"ref": ref, "ref_per": [float(t.double().norm()) for t in fulls]}
+    for foreach in (False, True):
+        g = build()
+        record[f"norm_{foreach}"] = float(global_grad_norm(g, foreach=foreach))
+        record[f"per_{foreach}"] = per_tensor_norms(g, foreach=foreach).tolist()
+    # clipping scales the local shards: the post-clip full norm is the threshold
+    g = build()[:5]  # (a Partial gradient cannot be scaled in place: only the layouts gradients arrive in)
+    state = ClipState.zeros()
+    state.ema.fill_(1.0)
+    state.seen.fill_(3)
+    stats = clip_grads_(g, state, ClipRule(alpha=2.0, beta=0.5))
+    record["clip_pre"], record["clip_post"] = float(stats.norm), full_norm64(g)
+    # value mode: every entry clamped, the "clipped" decision the same on every rank
+    g = build()[:5]
+    stats = clip_grads_(g, ClipState.zeros(), ClipRule(mode="value", clip_val=0.5))
+    record["value_max"] = max(float(full(t).abs().max()) for t in g)
+    record["value_clipped"] = bool(stats.clipped)
+    record["value_post"] = float(stats.coef * stats.norm)
+    record["value_post_ref"] = full_norm64(g)
+    # a nan on one rank's shard only: the norm is nan everywhere, and the step is zeroed everywhere
+    g = build()[:5]
+    if rank == 1:
+        g[0].to_local()[0, 0] = float("nan")
+    state = ClipState.zeros()
+    stats = clip_grads_(g, state, ClipRule())
+    record["nan_norm_finite"] = bool(torch.isfinite(stats.norm))
+    record["nan_zeroed"] = all(float(full(t).abs().sum()) == 0.0 for t in g)
+    record["nan_seen"] = int(state.seen)
+    with open(f"{out}.rank{rank}.json", "w") as f:
+        json.dump(record, f)
+
+
+def main(out_dir: str) -> None:
+    fit("fsdp2", os.path.join(out_dir, "fsdp2"), dp=2, ckpt_dir=os.path.join(out_dir, "ckpt"))
+    core(os.path.join(out_dir, "core"))
+    fit("tp", os.path.join(out_dir, "tp"), tp=2)
+    ckpt = os.path.join(out_dir, "ckpt", "step=3.ckpt")
+    fit("fsdp2", os.path.join(out_dir, "fsdp2_resume"), dp=2, ckpt_path=ckpt)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
