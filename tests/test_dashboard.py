@@ -76,7 +76,10 @@ def test_event_files_hold_the_series_and_the_layout(tmp_path):
     s = read_scalars(logger.log_dir)
     for key in CLIP_TAGS + ["update_sparsity_cumulative"]:
         assert f"clip/{key}" in s, key
-    assert all(math.isfinite(v) for vals in s.values() for _, v in vals)
+    # every series at every step; the first step has no bound: its threshold is inf (not drawn), all else finite
+    assert all(len(vals) == 16 for key, vals in s.items() if key.startswith("clip/"))
+    assert dict(s["clip/threshold"])[0] == math.inf
+    assert all(math.isfinite(v) for key, vals in s.items() for step, v in vals if (key, step) != ("clip/threshold", 0))
     # log_every_n_steps=1: threshold_t = alpha * m_(t-1), with m recomputed from the logged norms alone
     norms = [v for _, v in s["clip/grad_norm"]]
     thresholds = dict(s["clip/threshold"])
