@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "create_optimizer": "lightning_clip.optim",
     "UpdateSparsityTracker": "lightning_clip.sparsity",
     "update_sparsity": "lightning_clip.sparsity",
+    "AdaptiveClippingOptimizer": "lightning_clip.wrapper",
+    "log_clipping": "lightning_clip.wrapper",
 }
 
 __all__ = list(_EXPORTS)
@@ -64,3 +66,4 @@ if TYPE_CHECKING:  # pragma: no cover
         create_optimizer,
     )
     from lightning_clip.sparsity import UpdateSparsityTracker, update_sparsity
+    from lightning_clip.wrapper import AdaptiveClippingOptimizer, log_clipping

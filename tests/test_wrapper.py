@@ -1,0 +1,448 @@
+"""AdaptiveClippingOptimizer: the callback's rule as a torch optimizer wrapper, in plain PyTorch, DDP, AMP, Fabric and
+Lightning, checked against float64 references, torch's own clipping and the callback's own run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_clip import AdaptiveClippingOptimizer, AdaptiveGradientClipping, log_clipping
+from tests.conftest import TinyRegressor, norm64, read_scalars, regression_loader, trainer_kwargs
+from tests.lightning_ns import NS, pl
+from tests.test_callback import _no_host_sync
+from tests.test_dashboard import read_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def _batches(n: int = 64, batch_size: int = 8):
+    return list(regression_loader(n=n, batch_size=batch_size))
+
+
+def _train(model, opt, batches, *, spike=(), poison=(), scaler=None, closure=False):
+    """A plain loop: step ``s`` multiplies its loss by 100 when in ``spike``, puts a nan in a gradient in ``poison``."""
+    grads = []
+    for step, (x, y) in enumerate(batches):
+
+        def compute():
+            loss = nn.functional.mse_loss(model(x), y) * (100.0 if step in spike else 1.0)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if step in poison:
+                model[-1].weight.grad[0, 0] = float("nan")
+            return loss
+
+        if closure:
+            opt.step(compute)
+        else:
+            compute()
+            grads.append(norm64([p.grad for p in model.parameters()]))
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        opt.zero_grad()
+    return grads
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------------------------ the rule
+def test_follows_the_rule_against_float64_and_clip_grad_norm():
+    alpha, beta = 1.05, 0.7
+    model = _net()
+    opt = AdaptiveClippingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), alpha=alpha, beta=beta)
+    m = None
+    clipped = []
+    for step, (x, y) in enumerate(_batches()):
+        nn.functional.mse_loss(model(x), y).backward()
+        n = norm64([p.grad for p in model.parameters()])
+        reference = [p.grad.detach().clone() for p in model.parameters()]
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        stats = opt.last_stats
+        assert float(stats.norm) == pytest.approx(n, rel=1e-6)
+        if m is None:
+            assert math.isinf(float(stats.threshold))
+            m = n
+        else:
+            assert float(stats.threshold) == pytest.approx(alpha * m, rel=1e-6)
+            holders = [nn.Parameter(torch.zeros_like(r)) for r in reference]
+            for h, r in zip(holders, reference):
+                h.grad = r
+            torch.nn.utils.clip_grad_norm_(holders, alpha * m)  # torch's clipping at the same bound
+            m = beta * m + (1 - beta) * n
+        clipped.append(bool(stats.clipped))
+        applied = [(b.double() - p.detach().double()) / 0.1 for b, p in zip(before, model.parameters())]  # SGD's g
+        for g, r in zip(applied, reference):
+            torch.testing.assert_close(g, r.double(), rtol=1e-3, atol=1e-5)
+        assert float(opt.clip_state().ema) == pytest.approx(m, rel=1e-5)
+        opt.zero_grad()
+    assert set(clipped) == {True, False}
+    assert opt.steps == 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"alpha": 0.0}, ValueError, "Invalid alpha: 0.0"),
+        ({"beta": 1.5}, ValueError, "Invalid beta: 1.5"),
+        ({"max_norm": -1.0}, ValueError, "Invalid max_norm: -1.0"),
+        ({"mode": "zclip"}, ValueError, "Invalid mode: 'zclip'"),
+        ({"nonfinite": "ignore"}, ValueError, "Invalid nonfinite: 'ignore'"),
+        ({"clip_val": 1.0}, ValueError, "Invalid clip_val: 1.0"),
+        ({"alpha": True}, TypeError, "Invalid alpha: True"),
+        ({"fused": True, "foreach": True}, ValueError, "Invalid"),
+    ],
+)
+def test_bad_arguments_raise_as_the_callbacks_do(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AdaptiveGradientClipping(**kwargs)
+    with pytest.raises(error, match=match):
+        AdaptiveClippingOptimizer(torch.optim.SGD(_net().parameters(), lr=0.1), **kwargs)
+
+
+def test_refuses_what_is_not_an_optimizer_and_double_wrapping():
+    model = _net()
+    with pytest.raises(TypeError, match="Invalid optimizer: .*expected a torch.optim.Optimizer"):
+        AdaptiveClippingOptimizer(list(model.parameters()))
+    inner = AdaptiveClippingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="Invalid optimizer: AdaptiveClippingOptimizer.*twice"):
+        AdaptiveClippingOptimizer(inner)
+
+
+def test_import_does_not_load_lightning():
+    code = (
+        "import sys, lightning_clip.wrapper;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------- a torch optimizer
+def test_is_a_torch_optimizer_to_schedulers_groups_hooks_and_closures():
+    model = _net()
+    base = torch.optim.SGD([{"params": model[0].parameters()}], lr=0.1, momentum=0.9)
+    opt = AdaptiveClippingOptimizer(base, alpha=2.0)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is base.param_groups and opt.state is base.state and opt.defaults is base.defaults
+    opt.add_param_group({"params": model[2].parameters(), "lr": 0.01})  # a second group, its own lr
+    assert len(base.param_groups) == 2
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    batches = _batches()
+    _train(model, opt, batches[:4], closure=True)  # step(closure): the closure's backward is clipped
+    for _ in range(4):
+        sched.step()
+    assert [g["lr"] for g in base.param_groups] == [pytest.approx(0.1 / 4), pytest.approx(0.01 / 4)]
+    assert calls == ["pre", "post"] * 4
+    assert len(base.state) == 4 and all("momentum_buffer" in s for s in base.state.values())
+    # both groups count in the norm: the one of the last step is the float64 norm over the four tensors
+    x, y = batches[4]
+    nn.functional.mse_loss(model(x), y).backward()
+    n = norm64([p.grad for p in model.parameters()])
+    opt.step()
+    assert float(opt.last_stats.norm) == pytest.approx(n, rel=1e-6)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert int(opt.clip_state().seen) == 5 and opt.steps == 5
+
+
+def test_resume_from_a_weights_only_checkpoint_is_bit_exact(tmp_path):
+    batches = _batches(n=96)
+
+    def fresh():
+        model = _net()
+        return model, AdaptiveClippingOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), alpha=1.1, beta=0.7)
+
+    model_a, opt_a = fresh()
+    _train(model_a, opt_a, batches, spike={3}, poison={8})
+
+    model_b, opt_b = fresh()
+    _train(model_b, opt_b, batches[:6], spike={3})
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model_b.state_dict(), "optimizer": opt_b.state_dict()}, path)
+    checkpoint = torch.load(path, weights_only=True)
+    model_c, opt_c = fresh()
+    model_c.load_state_dict(checkpoint["model"])
+    opt_c.load_state_dict(checkpoint["optimizer"])
+    assert opt_c.steps == 6 and opt_c.clip_state() is None  # materialised on the gradients' device at the next step
+    _train(model_c, opt_c, batches[6:], spike={-3}, poison={2})  # step 8 of the run is the poisoned one
+
+    assert _same(model_a.parameters(), model_c.parameters())
+    for key, value in opt_a.clip_state().state_dict().items():
+        assert torch.equal(value, opt_c.clip_state().state_dict()[key]), key
+    assert int(opt_a.clip_state().nonfinite) == 1 and opt_c.steps == opt_a.steps == 12
+    for p_a, p_c in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(opt_a.state[p_a]["exp_avg_sq"], opt_c.state[p_c]["exp_avg_sq"])
+
+
+def test_a_state_saved_with_another_beta_warns_and_starts_fresh():
+    model = _net()
+    opt = AdaptiveClippingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), beta=0.7)
+    _train(model, opt, _batches()[:2])
+    saved = opt.state_dict()
+    other = AdaptiveClippingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), beta=0.9)
+    with pytest.warns(
+        UserWarning, match=r"beta=0\.9, but its clipping state was saved with mode='adaptive', beta=0\.7"
+    ):
+        other.load_state_dict(saved)
+    assert other.clip_state() is None and other.state_dict()["clipping"]["state"] == {}
+    plain = AdaptiveClippingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    plain.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.2).state_dict())  # a plain optimizer's state
+    assert plain.param_groups[0]["lr"] == 0.2
+
+
+# ------------------------------------------------------------------------------------------------ non-finite
+def test_nonfinite_policies():
+    batches = _batches()
+    model = _net()
+    opt = AdaptiveClippingOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), nonfinite="skip")
+    _train(model, opt, batches[:6], poison={2})
+    assert {int(opt.state[p]["step"]) for p in model.parameters()} == {5}  # Adam did not count the skipped step
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    assert int(opt.clip_state().seen) == 5 and int(opt.clip_state().nonfinite) == 1
+
+    model = _net()
+    named = torch.optim.SGD(model.named_parameters(), lr=0.1)  # torch >= 2.6 keeps the names in the groups
+    opt = AdaptiveClippingOptimizer(named, nonfinite="error")
+    with pytest.raises(RuntimeError, match=r"at step 3 in: 2\.weight \(AdaptiveClippingOptimizer\(nonfinite='error'\)"):
+        _train(model, opt, batches[:6], poison={3})
+
+    model = _net()
+    opt = AdaptiveClippingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))  # default: zero, no sync
+    _train(model, opt, batches[:3], poison={1})
+    assert all(bool(p.isfinite().all()) for p in model.parameters()) and int(opt.clip_state().seen) == 2
+
+
+def test_no_host_sync_per_step_at_the_defaults():
+    model = _net()
+    sgd = AdaptiveClippingOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), alpha=0.8, max_norm=10.0, warmup_steps=1
+    )
+    adam_model = _net(1)
+    adam = AdaptiveClippingOptimizer(torch.optim.Adam(adam_model.parameters(), lr=0.1))
+    for step, (x, y) in enumerate(_batches()):
+        for net, opt in ((model, sgd), (adam_model, adam)):
+            loss = nn.functional.mse_loss(net(x), y) * (0.0 if step == 4 else 1.0)  # a zero-norm step
+            loss.backward()
+            if step == 5:
+                net[-1].weight.grad[0, 0] = float("nan")  # a non-finite step
+        with _no_host_sync():
+            sgd.step()  # the whole step: the clipping and SGD's own update
+            adam._clip_grads()  # the clipping of a wrapped Adam (Adam's own CPU step reads its step count)
+        adam.optimizer.step()
+        sgd.zero_grad()
+        adam.zero_grad()
+    assert int(sgd.clip_state().seen) == int(adam.clip_state().seen) == 6
+    assert all(bool(p.isfinite().all()) for p in [*model.parameters(), *adam_model.parameters()])
+
+
+# ----------------------------------------------------------------------------------------------------- AMP
+def test_grad_scaler_unscaled_norms_skipped_steps_not_counted_and_explicit_unscale():
+    batches = _batches(n=96)
+
+    def run(scaler, unscale_first=False, poison=()):
+        model = _net()
+        opt = AdaptiveClippingOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), alpha=1.1, beta=0.7)
+        norms = []
+        for step, (x, y) in enumerate(batches):
+            loss = nn.functional.mse_loss(model(x), y) * (100.0 if step == 3 else 1.0)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if step in poison:
+                model[-1].weight.grad[0, 0] = float("inf")
+            if scaler is None:
+                opt.step()
+            else:
+                if unscale_first:
+                    scaler.unscale_(opt)  # as for torch's clip_grad_norm_: the wrapper then measures the same
+                scaler.step(opt)
+                scaler.update()
+            norms.append(float(opt.last_stats.norm) if opt.last_stats is not None else None)
+            opt.zero_grad()
+        return model, opt, norms
+
+    plain_model, plain, plain_norms = run(None)
+    # a power-of-two scale unscales exactly: the norm is measured unscaled, so the run is bit for bit the plain one
+    for unscale_first in (False, True):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+        model, opt, norms = run(scaler, unscale_first)
+        assert norms == plain_norms
+        assert _same(model.parameters(), plain_model.parameters())
+        assert torch.equal(opt.clip_state().ema, plain.clip_state().ema)
+    # an inf gradient: the scaler skips the step and halves its scale; the wrapper never ran, nothing is counted
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    model, opt, norms = run(scaler, poison={5})
+    assert scaler.get_scale() == 2.0**11
+    assert opt.steps == len(batches) - 1 and int(opt.clip_state().seen) == len(batches) - 1
+    assert int(opt.clip_state().nonfinite) == 0 and norms[5] == norms[4]  # last_stats still the previous step's
+    assert {int(opt.state[p]["step"]) for p in model.parameters()} == {len(batches) - 1}
+
+
+# ------------------------------------------------------------------------------------------------ TensorBoard
+def test_log_clipping_writes_the_callbacks_names_and_layout(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # the callback's run, without sparsity (the wrapper does not measure it)
+    cb = AdaptiveGradientClipping(alpha=1.05, beta=0.7, log_sparsity=False)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="callback")
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, logger=logger, callbacks=[cb])).fit(
+        TinyRegressor(lr=0.1), regression_loader()
+    )
+    callback_scalars = read_scalars(logger.log_dir)
+
+    model = _net()
+    opt = AdaptiveClippingOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), alpha=1.05, beta=0.7)
+    writer = SummaryWriter(str(tmp_path / "wrapper"))
+    written = []
+    for step, (x, y) in enumerate(_batches()):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        written.append(log_clipping(writer, opt, step))
+    writer.close()
+    scalars = read_scalars(tmp_path / "wrapper")
+    clip_tags = {t for t in callback_scalars if t.startswith("clip/")}
+    assert set(scalars) == clip_tags == set(written[0])
+    assert [s for s, _ in scalars["clip/grad_norm"]] == list(range(8))
+    assert [v for _, v in scalars["clip/grad_norm"]] == pytest.approx([w["clip/grad_norm"] for w in written])
+    assert math.isinf(written[0]["clip/threshold"])  # no bound on the seeding step, as the callback logs it
+    assert read_layout(tmp_path / "wrapper") == read_layout(logger.log_dir)  # the callback's layout, one written
+    assert len(read_layout(tmp_path / "wrapper")) == 1
+
+
+# ----------------------------------------------------------------------------------- the callback's numbers
+class _Spiky(TinyRegressor):
+    def __init__(self, wrapper: bool = False) -> None:
+        super().__init__(lr=0.05)
+        self.wrapper = wrapper
+        self.poison_steps = {7}
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * 100.0 if self.trainer.global_step == 4 else loss
+
+    def configure_optimizers(self):
+        adam = super().configure_optimizers()
+        return AdaptiveClippingOptimizer(adam, alpha=1.1, beta=0.7) if self.wrapper else adam
+
+
+def test_callback_and_wrapper_give_bit_identical_weights_and_states(tmp_path):
+    batches = _batches(n=96)
+    # 1. the callback in a Trainer
+    pl.seed_everything(0, verbose=False)
+    with_callback = _Spiky()
+    cb = AdaptiveGradientClipping(alpha=1.1, beta=0.7)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, log_every_n_steps=50, callbacks=[cb])).fit(
+        with_callback, regression_loader(n=96)
+    )
+    # 2. the wrapper returned from configure_optimizers, in a Trainer
+    pl.seed_everything(0, verbose=False)
+    with_wrapper = _Spiky(wrapper=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=12, log_every_n_steps=50))
+    trainer.fit(with_wrapper, regression_loader(n=96))
+    wrapper = trainer.optimizers[0]
+    # 3. the wrapper in a plain loop
+    pl.seed_everything(0, verbose=False)
+    plain = TinyRegressor(lr=0.05).net
+    opt = AdaptiveClippingOptimizer(torch.optim.Adam(plain.parameters(), lr=0.05), alpha=1.1, beta=0.7)
+    _train(plain, opt, batches, spike={4}, poison={7})
+
+    state = cb.clip_state().state_dict()
+    assert int(state["clipped"]) >= 1 and int(state["nonfinite"]) == 1 and int(state["seen"]) == 11
+    for other in (wrapper.clip_state(), opt.clip_state()):
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())
+    assert _same(with_callback.parameters(), with_wrapper.parameters())
+    assert _same(with_callback.parameters(), plain.parameters())
+
+
+def test_the_callback_refuses_a_wrapped_optimizer(tmp_path):
+    model = _Spiky(wrapper=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[AdaptiveGradientClipping()]))
+    with pytest.raises(ValueError, match="Invalid optimizer: AdaptiveClippingOptimizer with the AdaptiveGradientClip"):
+        trainer.fit(model, regression_loader())
+    assert _same(before, model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------ Fabric
+def test_fabric_bf16_mixed_matches_a_plain_autocast_loop():
+    Fabric = NS.fabric.Fabric
+    batches = _batches()
+
+    def run(fabric):
+        model = _net()
+        opt = AdaptiveClippingOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), alpha=1.1, beta=0.7)
+        if fabric is not None:
+            model, opt = fabric.setup(model, opt)
+        for step, (x, y) in enumerate(batches):
+            if fabric is not None:
+                out = model(x)
+            else:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = model(x)
+                out = out.float()
+            loss = nn.functional.mse_loss(out, y) * (100.0 if step == 4 else 1.0)
+            fabric.backward(loss) if fabric is not None else loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    fabric_model, fabric_opt = run(Fabric(accelerator="cpu", devices=1, precision="bf16-mixed"))
+    plain_model, plain_opt = run(None)
+    assert isinstance(fabric_opt, AdaptiveClippingOptimizer) and fabric_opt.steps == 8
+    assert int(fabric_opt.clip_state().clipped) >= 1
+    assert torch.equal(fabric_opt.clip_state().ema, plain_opt.clip_state().ema)
+    assert _same(fabric_model.parameters(), plain_model.parameters())
+    assert "clipping" in fabric_opt.state_dict()
+
+
+# --------------------------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_over_gloo_ranks_agree_and_match_one_process(tmp_path):
+    script = os.path.join(ROOT, "tests", "wrapper_ddp_run.py")
+    records = {}
+    for world in (2, 1):
+        out = str(tmp_path / f"w{world}")
+        for _attempt in range(3):  # another process may take the free port between the check and the bind
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+            proc = subprocess.run(
+                [sys.executable, script, out, str(world)], capture_output=True, text=True, timeout=300, env=env
+            )
+            if "EADDRINUSE" not in proc.stderr and "address already in use" not in proc.stderr:
+                break
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records[world] = []
+        for rank in range(world):
+            with open(f"{out}.rank{rank}") as f:
+                records[world].append(json.load(f))
+    (r0, r1), (single,) = records[2], records[1]
+    assert r0["norms"] == r1["norms"] and r0["ema"] == r1["ema"] and r0["weights"] == r1["weights"]
+    assert r0["clipped"] == single["clipped"] and r0["clipped"][3]  # the spike is clipped on every rank
+    assert r0["seen"] == single["seen"] == 6
+    assert r0["norms"] == pytest.approx(single["norms"], rel=1e-5)
+    assert r0["weights"] == pytest.approx(single["weights"], rel=1e-4, abs=1e-6)

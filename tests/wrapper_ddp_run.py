@@ -1,0 +1,70 @@
+"""Plain-PyTorch training with AdaptiveClippingOptimizer, on one process or DistributedDataParallel over gloo.
+
+Used by tests/test_wrapper.py: ``python tests/wrapper_ddp_run.py OUT WORLD_SIZE``. Rank ``r`` of ``W`` reads samples
+``r, r + W, ...`` of each global batch of 16, so the ranks together read the one-process batches; step 3's loss is
+multiplied by 100 (a spike). Each rank writes ``OUT.rank{r}`` (JSON: the clipping state, the norms, the weights).
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_clip import AdaptiveClippingOptimizer  # noqa: E402
+
+STEPS, GLOBAL_BATCH, SPIKE = 6, 16, 3
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(STEPS * GLOBAL_BATCH, 8, generator=gen)
+    y = (x[:, :1] * 3 - x[:, 1:2] ** 2) + 0.1 * torch.randn(len(x), 1, generator=gen)
+    return x, y
+
+
+def worker(rank: int, world: int, out: str) -> None:
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    opt = AdaptiveClippingOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), alpha=1.1, beta=0.7)
+    x, y = data()
+    norms, clipped = [], []
+    for step in range(STEPS):
+        rows = slice(step * GLOBAL_BATCH + rank, (step + 1) * GLOBAL_BATCH, world)
+        loss = nn.functional.mse_loss(model(x[rows]), y[rows]) * (100.0 if step == SPIKE else 1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        norms.append(float(opt.last_stats.norm))
+        clipped.append(bool(opt.last_stats.clipped))
+    state = opt.clip_state()
+    record = {
+        "rank": rank,
+        "ema": float(state.ema),
+        "seen": int(state.seen),
+        "norms": norms,
+        "clipped": clipped,
+        "weights": [float(v) for p in net.parameters() for v in p.detach().flatten()],
+    }
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump(record, f)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def main(out: str, world: int) -> None:
+    if world == 1:
+        worker(0, 1, out)
+    else:
+        torch.multiprocessing.start_processes(worker, args=(world, out), nprocs=world, start_method="spawn")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
