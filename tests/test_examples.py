@@ -115,3 +115,18 @@ def test_plot_dashboard_draws_a_real_run_with_units_legends_off_the_data_and_the
         assert legend.y1 < ax.get_window_extent(renderer).y0  # under the axes: hides no data
     (caption,) = [t for t in fig.findobj(Text) if t.get_text() == CAPTION]
     assert caption.get_window_extent(renderer).y1 < min(legend.y0 for legend in legends)
+
+
+@pytest.mark.parametrize(("script", "run_dir"), [("plain_pytorch.py", "plain"), ("fabric.py", "fabric")])
+def test_wrapper_examples_train_quickly_and_write_the_dashboard(tmp_path, monkeypatch, script, run_dir):
+    import runpy
+
+    from tests.conftest import read_scalars
+
+    logdir = str(tmp_path / "plain") if script == "plain_pytorch.py" else str(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, "--quick", "--logdir", logdir])
+    result = runpy.run_path(os.path.join(ROOT, "examples", script))["main"]()  # in this process: mnist1d is cached
+    assert result["steps"] == 40 and result["val/acc"] > 0.2
+    scalars = read_scalars(tmp_path / run_dir)
+    assert len(scalars["clip/grad_norm"]) == 4 and len(scalars["clip/threshold"]) == 4
