@@ -1,7 +1,7 @@
-"""Issue 8, from the user's side: real Trainers, real checkpoints loaded the way Lightning loads them (weights only),
-bad values, degenerate first steps, reused callbacks, complex parameters and the errors a user reads.
+"""Hardening, from the user's side: real Trainers, real checkpoints loaded the way Lightning loads them (weights
+only), bad values, degenerate first steps, reused callbacks, complex parameters and the errors a user reads.
 
-Each section names the class of case of the issue it covers.
+Each section names the class of case it covers.
 """
 
 from __future__ import annotations
