@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clip import _lightning as _L
-
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -190,7 +188,9 @@ def merge_layouts(parts: Iterable[Layout]) -> Layout:
 
 def tensorboard_loggers(trainer: pl.Trainer) -> list[Any]:
     """The Trainer's TensorBoard loggers (Lightning's and Fabric's, either namespace)."""
-    return [lg for lg in trainer.loggers if _L.is_tensorboard_logger(lg)]
+    from lightning_clip import _lightning  # Lightning is loaded here, not by the layout functions
+
+    return [lg for lg in trainer.loggers if _lightning.is_tensorboard_logger(lg)]
 
 
 def write_layout(trainer: pl.Trainer) -> bool:

@@ -126,13 +126,19 @@ def test_refuses_what_is_not_an_optimizer_and_double_wrapping():
         AdaptiveClippingOptimizer(inner)
 
 
-def test_import_does_not_load_lightning():
+def test_import_and_dashboard_logging_do_not_load_lightning(tmp_path):
     code = (
-        "import sys, lightning_clip.wrapper;"
+        "import sys, torch, tempfile\n"
+        "from torch.utils.tensorboard import SummaryWriter\n"
+        "from lightning_clip.wrapper import AdaptiveClippingOptimizer, log_clipping\n"
+        "p = torch.nn.Parameter(torch.ones(3)); opt = AdaptiveClippingOptimizer(torch.optim.SGD([p], lr=0.1))\n"
+        "p.sum().backward(); opt.step()\n"
+        f"log_clipping(SummaryWriter({str(tmp_path)!r}), opt, 0)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "clip/grad_norm" in read_scalars(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- a torch optimizer
@@ -422,7 +428,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_over_gloo_ranks_agree_and_match_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_over_gloo_ranks_agree_and_match_one_process(mode, tmp_path):
+    """DDP (whole, averaged gradients) and FSDP2 ``fully_shard`` (DTensor shards): the wrapper clips by the whole
+    model's norm, identically on both ranks, as one process does on the same global batches."""
     script = os.path.join(ROOT, "tests", "wrapper_ddp_run.py")
     records = {}
     for world in (2, 1):
@@ -431,7 +440,7 @@ def test_ddp_over_gloo_ranks_agree_and_match_one_process(tmp_path):
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
             proc = subprocess.run(
-                [sys.executable, script, out, str(world)], capture_output=True, text=True, timeout=300, env=env
+                [sys.executable, script, out, str(world), mode], capture_output=True, text=True, timeout=300, env=env
             )
             if "EADDRINUSE" not in proc.stderr and "address already in use" not in proc.stderr:
                 break
@@ -441,6 +450,7 @@ def test_ddp_over_gloo_ranks_agree_and_match_one_process(tmp_path):
             with open(f"{out}.rank{rank}") as f:
                 records[world].append(json.load(f))
     (r0, r1), (single,) = records[2], records[1]
+    assert r0["sharded"] == r1["sharded"] == (mode == "fsdp2") and not single["sharded"]
     assert r0["norms"] == r1["norms"] and r0["ema"] == r1["ema"] and r0["weights"] == r1["weights"]
     assert r0["clipped"] == single["clipped"] and r0["clipped"][3]  # the spike is clipped on every rank
     assert r0["seen"] == single["seen"] == 6

@@ -1,8 +1,10 @@
-"""Plain-PyTorch training with AdaptiveClippingOptimizer, on one process or DistributedDataParallel over gloo.
+"""Plain-PyTorch training with AdaptiveClippingOptimizer, on one process, or on several over gloo with
+DistributedDataParallel (whole gradients) or FSDP2 ``fully_shard`` (DTensor gradient shards).
 
-Used by tests/test_wrapper.py: ``python tests/wrapper_ddp_run.py OUT WORLD_SIZE``. Rank ``r`` of ``W`` reads samples
-``r, r + W, ...`` of each global batch of 16, so the ranks together read the one-process batches; step 3's loss is
-multiplied by 100 (a spike). Each rank writes ``OUT.rank{r}`` (JSON: the clipping state, the norms, the weights).
+Used by tests/test_wrapper.py: ``python tests/wrapper_ddp_run.py OUT WORLD_SIZE [ddp|fsdp2]``. Rank ``r`` of ``W``
+reads samples ``r, r + W, ...`` of each global batch of 16, so the ranks together read the one-process batches;
+step 3's loss is multiplied by 100 (a spike). Each rank writes ``OUT.rank{r}`` (JSON: the clipping state, the
+norms, the weights).
 """
 
 import json
@@ -27,12 +29,21 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def worker(rank: int, world: int, out: str) -> None:
+def worker(rank: int, world: int, out: str, mode: str = "ddp") -> None:
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    if world > 1 and mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(net[0], mesh=mesh)
+        fully_shard(net, mesh=mesh)  # the last layer's parameters: sharded by the root
+        model = net
+    else:
+        model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     opt = AdaptiveClippingOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), alpha=1.1, beta=0.7)
     x, y = data()
     norms, clipped = [], []
@@ -51,7 +62,8 @@ def worker(rank: int, world: int, out: str) -> None:
         "seen": int(state.seen),
         "norms": norms,
         "clipped": clipped,
-        "weights": [float(v) for p in net.parameters() for v in p.detach().flatten()],
+        "weights": [float(v) for p in net.parameters() for v in _full(p.detach()).flatten()],
+        "sharded": any(_full(p) is not p for p in net.parameters()),
     }
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(record, f)
@@ -59,12 +71,17 @@ def worker(rank: int, world: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def main(out: str, world: int) -> None:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (one all-gather), a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def main(out: str, world: int, mode: str = "ddp") -> None:
     if world == 1:
         worker(0, 1, out)
     else:
-        torch.multiprocessing.start_processes(worker, args=(world, out), nprocs=world, start_method="spawn")
+        torch.multiprocessing.start_processes(worker, args=(world, out, mode), nprocs=world, start_method="spawn")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *(sys.argv[3:4]))
