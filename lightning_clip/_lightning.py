@@ -153,6 +153,13 @@ def strategy_kind(trainer: Any) -> StrategyKind:
     return "other"
 
 
+def strategy_model(trainer: Any) -> torch.nn.Module:
+    """The model as the strategy wraps it (``strategy.model``: the ``FullyShardedDataParallel`` root under
+    ``FSDPStrategy``), else the LightningModule."""
+    model = getattr(trainer.strategy, "model", None)
+    return model if isinstance(model, torch.nn.Module) else trainer.lightning_module
+
+
 # ------------------------------------------------------------------------------------------------ precision
 def grad_scaler(trainer: Any) -> torch.amp.GradScaler | None:
     """The ``GradScaler`` of the Trainer's precision plugin (``16-mixed``), or ``None``."""

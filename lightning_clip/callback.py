@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import _lightning as _L
+from lightning_clip._fsdp import FlatShardLayout
 from lightning_clip._validation import check_choice, check_flag, check_int, check_kernel_choice, check_str
 from lightning_clip.dashboard import (
     Layout,
@@ -155,7 +156,7 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             ``[0, 1)``, ``max_norm <= 0``, a ``nan``/``inf`` where a finite number goes, an unknown ``mode`` or
             ``nonfinite``, a ``clip_val`` that does not fit the mode, ``fused=True`` with ``foreach=True``; at setup,
             for ``Trainer(gradient_clip_val=...)`` (Lightning would clip again after this callback) or a strategy
-            whose gradients are sharded (FSDP, DeepSpeed, model parallel).
+            whose gradient layout it cannot reduce (DeepSpeed).
 
     Example::
 
@@ -255,19 +256,14 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
                 " (FSDP2 / tensor parallel, DTensor gradients), which this callback clips exactly; or DeepSpeed's own"
                 " clipping (its 'gradient_clipping' config) without this callback."
             )
-        if kind == "fsdp":
+        if kind not in ("single", "ddp", "xla", "model_parallel", "fsdp"):
             raise ValueError(
-                f"Invalid strategy: {name}; FSDP1's flat-parameter shards are plain tensors whose layout the callback"
-                " does not reduce yet, and a norm of the local shard alone would be silently wrong. Use"
-                " strategy=ModelParallelStrategy() with fully_shard (FSDP2: DTensor gradients, clipped exactly) in"
-                " configure_model, or strategy='ddp'."
+                f"Invalid strategy: {name}; expected a single-device, DDP-style, FSDPStrategy (FSDP1) or"
+                " ModelParallelStrategy (FSDP2 / tensor parallel) strategy: the callback must know how the gradients"
+                " are laid out to take the norm of the whole model."
             )
-        if kind not in ("single", "ddp", "xla", "model_parallel"):
-            raise ValueError(
-                f"Invalid strategy: {name}; expected a single-device, DDP-style or ModelParallelStrategy (FSDP2 /"
-                " tensor parallel) strategy: the callback must know how the gradients are laid out to take the norm"
-                " of the whole model."
-            )
+        self._kind = kind
+        self._fsdp: FlatShardLayout | None = None  # read from the wrapped model at the first step (wrapped after setup)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_clip.wrapper import AdaptiveClippingOptimizer
@@ -297,10 +293,18 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
     ) -> None:
         optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         index = self._index(trainer, optimizer)
-        params = [p for p in trainer.precision_plugin.main_params(optimizer) if p.grad is not None]
+        params = list(trainer.precision_plugin.main_params(optimizer))
+        if getattr(self, "_kind", None) == "fsdp":
+            # FSDP1: every parameter, with or without a gradient on this rank (the same list on every rank, which
+            # joins the same collectives); sharded flat-parameter gradients as DTensor shards of their shard group
+            if self._fsdp is None:
+                self._fsdp = FlatShardLayout(_L.strategy_model(trainer))
+            grads = self._fsdp.grads(params)
+        else:
+            params = [p for p in params if p.grad is not None]
+            grads = [p.grad for p in params]
         if not params:
             return
-        grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("AdaptiveGradientClipping does not support sparse gradients")
         if self.histogram_every_n_steps is not None and self._histogram_step(trainer):
@@ -323,6 +327,7 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             where=f"global step {trainer.global_step}",
             owner="AdaptiveGradientClipping",
             names=lambda: {id(p): n for n, p in pl_module.named_parameters()},
+            grads=grads,
         )
         self._last[index] = stats
         if _L.should_update_logs(trainer):

@@ -357,6 +357,11 @@ def sum_over_shards(tensors: Sequence[Tensor], rows: Tensor) -> Tensor:
     ``Partial("sum")`` reduction, one all-reduce per layout, on the device) and left as it is for plain tensors and
     replicated dimensions, so each shard counts once. Every rank of the meshes involved must call it.
     """
+    return _reduce_rows(tensors, rows, "sum")
+
+
+def _reduce_rows(tensors: Sequence[Tensor], rows: Tensor, op: str) -> Tensor:
+    """:func:`sum_over_shards` with the reduction ``op`` (``"sum"`` or ``"max"``)."""
     if not any(is_dtensor(t) for t in tensors):
         return rows
     out = rows.clone()
@@ -364,7 +369,7 @@ def sum_over_shards(tensors: Sequence[Tensor], rows: Tensor) -> Tensor:
         if layout.mesh is None:
             continue
         index = torch.tensor(layout.index, device=rows.device)
-        out[index] = _reduce_over_shards(rows[index].contiguous(), layout).to(rows.device)
+        out[index] = _reduce_over_shards(rows[index].contiguous(), layout, op).to(rows.device)
     return out
 
 
@@ -750,6 +755,7 @@ def clip_step_(
     where: str = "step 0",
     owner: str = "AdaptiveGradientClipping",
     names: Callable[[], Mapping[int, str]] | None = None,
+    grads: Sequence[Tensor] | None = None,
 ) -> ClipStats:
     """One optimizer step of the package's clipping: :func:`clip_grads_` on ``params``' gradients, then the
     non-finite policy. The one implementation behind ``AdaptiveGradientClipping`` and ``AdaptiveClippingOptimizer``.
@@ -771,17 +777,22 @@ def clip_step_(
         where: the step, for the error message (``"global step 3"``).
         owner: the caller, for the error message (``"AdaptiveGradientClipping"``).
         names: called only to build an error message: ``id(parameter) -> name``.
+        grads: the gradients of ``params``, one each, when they are not ``p.grad`` as it is (FSDP1 shards wrapped as
+            DTensors by :class:`lightning_clip._fsdp.FlatShardLayout`); ``None``: ``[p.grad for p in params]``.
 
     Returns:
         The step's :class:`ClipStats`.
 
     Raises:
         RuntimeError: with ``nonfinite="error"``, on a step whose norm is not finite, naming the step and the
-            parameters whose gradients are not finite (or the largest entries, when the norm overflowed).
+            parameters whose gradients are not finite (or the largest entries, when the norm overflowed). With
+            sharded gradients (DTensors) every rank raises the same error: the decision comes from the global norm,
+            identical on every rank, and the names from the per-tensor counts reduced over the shards.
     """
     keep = scaler_skips or nonfinite != "zero"
+    grads = [p.grad for p in params] if grads is None else list(grads)
     stats = clip_grads_(
-        [p.grad for p in params],
+        grads,
         state,
         rule,
         nonfinite="keep" if keep else "zero",
@@ -790,12 +801,13 @@ def clip_step_(
         fused=fused,
     )
     if not scaler_skips and nonfinite != "zero" and not bool(stats.finite):  # one sync, by choice
-        _apply_nonfinite_policy(params, stats, nonfinite, where=where, owner=owner, names=names)
+        _apply_nonfinite_policy(params, grads, stats, nonfinite, where=where, owner=owner, names=names)
     return stats
 
 
 def _apply_nonfinite_policy(
     params: Sequence[Tensor],
+    grads: Sequence[Tensor],
     stats: ClipStats,
     nonfinite: NonFinitePolicy,
     *,
@@ -803,13 +815,29 @@ def _apply_nonfinite_policy(
     owner: str,
     names: Callable[[], Mapping[int, str]] | None,
 ) -> None:
+    """``"skip"``: every ``p.grad = None``. ``"error"``: raise, naming the parameters with a non-finite entry on any
+    rank (per tensor: the count of non-finite entries of the local shard, summed over the shards) or, when none has
+    one, the three with the largest ``max |g|`` (the local maxima reduced with ``max`` over the shards). The
+    reductions are collectives every rank joins in the same order (every rank gets here: ``stats.finite`` is the
+    same everywhere), so every rank raises the same message."""
     if nonfinite == "error":
         known = names() if names is not None else {}
-        named = [(known.get(id(p), f"<param {i}>"), p) for i, p in enumerate(params)]
-        bad = [name for name, p in named if not p.grad.isfinite().all()]
+        labels = [known.get(id(p), f"<param {i}>") for i, p in enumerate(params)]
+        local = [local_tensor(g) for g in grads]
+        device = local[0].device
+        counts = torch.stack([(~real_view(g).isfinite()).sum().to(device) for g in local])
+        counts = _reduce_rows(grads, counts, "sum")
+        bad = [name for name, c in zip(labels, counts.tolist()) if c > 0]
         if bad:
             raise RuntimeError(f"Non-finite gradients at {where} in: {', '.join(bad)} ({owner}(nonfinite='error'))")
-        largest = sorted(((float(p.grad.abs().amax()), name) for name, p in named if p.grad.numel()), reverse=True)
+        dtype = _acc_dtype(local)
+        maxima = torch.stack(
+            [g.abs().amax().to(dtype).to(device) if g.numel() else torch.zeros((), dtype=dtype, device=device)
+             for g in local]
+        )
+        maxima = _reduce_rows(grads, maxima, "max").tolist()
+        sizes = _reduce_rows(grads, torch.tensor([g.numel() for g in local], device=device), "sum").tolist()
+        largest = sorted(((m, name) for m, name, n in zip(maxima, labels, sizes) if n), reverse=True)
         top = ", ".join(f"{name} (max |g| = {value:.3g})" for value, name in largest[:3])
         raise RuntimeError(
             f"Gradient norm overflow at {where}: every gradient entry is finite, but"

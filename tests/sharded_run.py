@@ -8,7 +8,9 @@ process. Everything one run of the test needs happens here, in one pair of proce
   full tensors;
 * ``fsdp2``: FSDP2 (``fully_shard``) data parallel, dp=2, each rank half of every global batch;
 * ``tp``: tensor parallel, tp=2, two layers parallelised (colwise, rowwise) and two left as plain tensors;
-* ``fsdp2_resume``: the fsdp2 run resumed from its step-3 distributed checkpoint (the end of the first epoch).
+* ``fsdp2_resume``: the fsdp2 run resumed from its step-3 distributed checkpoint (the end of the first epoch);
+* ``fsdp2_bf16-mixed``, ``fsdp2_bf16-true``: the fsdp2 run under those precisions (bf16 autocast over float32
+  DTensor parameters; bf16 DTensor parameters and gradients).
 
 Each writes ``OUT_DIR/{name}.rank{r}.json``: the float64 full-gradient norms before and after the callback at every
 step, the state, and the full weights at the end.
@@ -47,8 +49,9 @@ def full_norm64(tensors) -> float:
 
 
 class Net(pl.LightningModule):
-    """A 4-layer MLP. ``layout``: ``"single"`` (plain), ``"fsdp2"`` (every layer ``fully_shard``-ed over dp) or
-    ``"tp"`` (layers 1 and 2 colwise / rowwise parallel over tp; layers 0 and 3 plain tensors)."""
+    """A 4-layer MLP. ``layout``: ``"single"`` (plain), ``"fsdp2"`` (every layer ``fully_shard``-ed over dp),
+    ``"fsdp1"`` (layers 0-2 and the whole in FSDP1 units, ``use_orig_params=self.orig``) or ``"tp"`` (layers 1 and 2
+    colwise / rowwise parallel over tp; layers 0 and 3 plain tensors)."""
 
     def __init__(self, layout: str = "single", dp: int = 1) -> None:
         super().__init__()
@@ -56,6 +59,7 @@ class Net(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16),
                                  nn.Tanh(), nn.Linear(16, 1))
         self.layout, self.dp = layout, dp
+        self.orig = True  # FSDP1's use_orig_params
 
     def configure_model(self) -> None:
         if self.layout == "fsdp2":
@@ -65,6 +69,12 @@ class Net(pl.LightningModule):
             for layer in (self.net[0], self.net[2], self.net[4], self.net[6]):
                 fully_shard(layer, mesh=mesh)
             fully_shard(self.net, mesh=mesh)
+        elif self.layout == "fsdp1":  # FSDP1 wrapped here (Lightning's FSDPStrategy then wraps nothing itself)
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            for i in (0, 2, 4):
+                self.net[i] = FSDP(self.net[i], device_id=self.device, use_orig_params=self.orig)
+            self.net = FSDP(self.net, device_id=self.device, use_orig_params=self.orig)
         elif self.layout == "tp":
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -77,7 +87,7 @@ class Net(pl.LightningModule):
 
     def train_dataloader(self):
         data = regression_loader(n=48).dataset  # 3 global batches of 16: an epoch ends at the step-3 checkpoint
-        rank = self.global_rank if self.layout == "fsdp2" else 0
+        rank = self.global_rank if self.layout in ("fsdp2", "fsdp1") else 0
         indices = list(range(rank, len(data), self.dp))  # dp ranks read interleaved halves of each global batch
         return DataLoader(Subset(data, indices), batch_size=16 // self.dp, shuffle=False)
 
@@ -181,6 +191,29 @@ def core(out: str) -> None:
     record["nan_norm_finite"] = bool(torch.isfinite(stats.norm))
     record["nan_zeroed"] = all(float(full(t).abs().sum()) == 0.0 for t in g)
     record["nan_seen"] = int(state.seen)
+    # nonfinite="skip" / "error" with DTensor gradients: a nan in rank 1's shard of the Shard(1) gradient only, then
+    # an overflow (every entry finite, the float32 norm inf): every rank skips, or raises the same message
+    from lightning_clip.functional import clip_step_
+
+    for case in ("skip", "error", "overflow"):
+        g = build()[:5]
+        if case == "overflow":
+            g[0].to_local().mul_(1e30)
+            g[0].to_local()[0, 0] = 3e38 if rank == 1 else 1.0  # the largest entry, on rank 1's shard
+        elif rank == 1:
+            g[1].to_local()[0, 0] = float("nan")
+        params = []
+        for t in g:
+            p = torch.nn.Parameter(torch.zeros_like(t))
+            p.grad = t
+            params.append(p)
+        names = {id(p): f"w{i}" for i, p in enumerate(params)}
+        try:
+            clip_step_(params, ClipState.zeros(), ClipRule(), nonfinite="error" if case == "overflow" else case,
+                       names=lambda: names)
+            record[f"policy_{case}"] = [p.grad is None for p in params]
+        except RuntimeError as e:
+            record[f"policy_{case}"] = str(e)
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(record, f)
 
@@ -191,6 +224,12 @@ def main(out_dir: str) -> None:
     fit("tp", os.path.join(out_dir, "tp"), tp=2)
     ckpt = os.path.join(out_dir, "ckpt", "step=3.ckpt")
     fit("fsdp2", os.path.join(out_dir, "fsdp2_resume"), dp=2, ckpt_path=ckpt)
+    for precision in PRECISIONS:
+        fit("fsdp2", os.path.join(out_dir, f"fsdp2_{precision}"), dp=2, precision=precision)
+
+
+#: the low precisions ModelParallelStrategy takes on CPU (it refuses 16-mixed and 64-true: Lightning's own check)
+PRECISIONS = ("bf16-mixed", "bf16-true")
 
 
 if __name__ == "__main__":

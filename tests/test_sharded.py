@@ -18,29 +18,42 @@ from tests.lightning_ns import pl
 from tests.test_ddp import _RANK_VARIABLES, _free_port
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_run.py")
+FSDP1_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp1_run.py")
 pytestmark = pytest.mark.skipif(
     not hasattr(pl.strategies, "ModelParallelStrategy"), reason="this Lightning has no ModelParallelStrategy"
 )
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, list[dict]]:
-    out = tmp_path_factory.mktemp("sharded")
+def _run_two_processes(script: str, out, names: tuple[str, ...]) -> dict[str, list[dict]]:
     for _attempt in range(3):  # another process may grab the free port between the check and the bind
         base = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
         env = {**base, "PL_DISABLE_FORK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, SCRIPT, str(out)], capture_output=True, text=True, timeout=300, env=env)
+        proc = subprocess.run([sys.executable, script, str(out)], capture_output=True, text=True, timeout=300, env=env)
         if "EADDRINUSE" not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = {}
-    for name in ("core", "fsdp2", "tp", "fsdp2_resume"):
+    for name in names:
         records[name] = []
         for rank in range(2):
             with open(out / f"{name}.rank{rank}.json") as f:
                 records[name].append(json.load(f))
     return records
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[dict]]:
+    from tests.sharded_run import PRECISIONS
+
+    names = ("core", "fsdp2", "tp", "fsdp2_resume", *(f"fsdp2_{p}" for p in PRECISIONS))
+    return _run_two_processes(SCRIPT, tmp_path_factory.mktemp("sharded"), names)
+
+
+@pytest.fixture(scope="module")
+def fsdp1_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    return _run_two_processes(FSDP1_SCRIPT, tmp_path_factory.mktemp("fsdp1"),
+                              ("lightning_orig", "lightning_flat", "core"))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +89,18 @@ def test_functional_core_on_distributed_tensors(runs):
     assert not a["nan_norm_finite"] and a["nan_zeroed"] and a["nan_seen"] == 0
 
 
+def test_nonfinite_skip_and_error_with_distributed_tensors(runs):
+    """A nan in rank 1's shard only: every rank skips the step, or every rank raises the same error naming that
+    parameter (counted over the shards, not on the local shard); an overflow names rank 1's largest entry on both."""
+    a, b = runs["core"]
+    assert a["policy_skip"] == b["policy_skip"] == [True] * 5
+    assert a["policy_error"] == b["policy_error"]
+    assert a["policy_error"].startswith("Non-finite gradients at step 0 in: w1 (")
+    assert a["policy_overflow"] == b["policy_overflow"]
+    assert a["policy_overflow"].startswith("Gradient norm overflow at step 0")
+    assert "w0 (max |g| = 3e+38)" in a["policy_overflow"]
+
+
 @pytest.mark.parametrize("layout", ["fsdp2", "tp"])
 def test_sharded_fit_clips_the_whole_model_norm_like_one_process(runs, single, layout):
     from tests.sharded_run import ALPHA, BETA
@@ -92,6 +117,30 @@ def test_sharded_fit_clips_the_whole_model_norm_like_one_process(runs, single, l
     assert a["ema"] == pytest.approx(single["ema"], rel=1e-5)
     assert a["weights"] == pytest.approx(single["weights"], rel=1e-4, abs=1e-6)
     assert a["sparsity"] == b["sparsity"] == pytest.approx(single["sparsity"], abs=0.02)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_fsdp2_low_precision_norm_accumulated_in_float32_like_one_process(runs, precision):
+    """FSDP2 under bf16-mixed (float32 gradients of a bf16-autocast forward) and bf16-true (bf16 DTensor gradients):
+    the callback's norm is the float64 norm of the gradients it saw to float32 rounding (a bf16 sum would be off by
+    ~1e-3), every rank agrees, and the run follows the one-process run of the same precision. That comparison is
+    loose: the two runs reduce the batch in a different order in bf16 (unit roundoff 2^-9 = 2e-3 per operation, a
+    few operations deep, compounded by 6 Adam steps), so 3e-2 relative, far below the steps' own spread."""
+    from tests.sharded_run import ALPHA, BETA, fit
+
+    a, b = ({k: v for k, v in r.items() if k != "rank"} for r in runs[f"fsdp2_{precision}"])
+    assert a == b and a["seen"] == 6
+    m = a["pre"][0]
+    for n in a["pre"][1:]:
+        m = BETA * m + (1 - BETA) * n
+    assert a["ema"] == pytest.approx(m, rel=1e-5)  # the callback's norms are the float64 ones to float32 rounding
+    # bf16-true: the scaled entries are rounded back to bf16 (2^-9 relative each), so the post-clip norm is the
+    # threshold to that rounding only
+    assert a["post"] == pytest.approx(_rule(a["pre"], ALPHA, BETA), rel=1e-5 if precision == "bf16-mixed" else 4e-3)
+    pl.seed_everything(0, verbose=False)
+    one = fit("single", None, precision=precision)
+    assert a["pre"] == pytest.approx(one["pre"], rel=3e-2)
+    assert a["ema"] == pytest.approx(one["ema"], rel=3e-2)
 
 
 def test_resume_from_a_sharded_checkpoint_is_exact(runs):
@@ -123,7 +172,7 @@ def test_deepspeed_is_refused_at_setup_naming_what_to_use(tmp_path):
         AdaptiveGradientClipping().setup(trainer, None, "fit")
 
 
-def test_model_parallel_is_accepted_and_fsdp1_refused_at_setup(tmp_path):
+def test_model_parallel_and_fsdp1_are_accepted_at_setup(tmp_path):
     from lightning_clip import AdaptiveGradientClipping
     from lightning_clip._lightning import strategy_kind
 
@@ -131,5 +180,57 @@ def test_model_parallel_is_accepted_and_fsdp1_refused_at_setup(tmp_path):
     assert strategy_kind(trainer) == "model_parallel"
     AdaptiveGradientClipping().setup(trainer, None, "fit")
     trainer = _with_strategy(tmp_path, pl.strategies.FSDPStrategy)
-    with pytest.raises(ValueError, match=r"^Invalid strategy: FSDPStrategy; .*ModelParallelStrategy\(\) with"):
-        AdaptiveGradientClipping().setup(trainer, None, "fit")
+    assert strategy_kind(trainer) == "fsdp"
+    AdaptiveGradientClipping().setup(trainer, None, "fit")
+
+
+@pytest.mark.parametrize("orig", [True, False], ids=["use_orig_params", "flat_params"])
+def test_fsdp1_strategy_fit_clips_the_whole_model_norm_like_one_process(fsdp1_runs, single, orig):
+    """Lightning's FSDPStrategy (FSDP1, FULL_SHARD), 2 processes: the norm the callback clips is torch's own FSDP
+    norm, and equals a one-process run on the same global batches."""
+    from tests.sharded_run import ALPHA, BETA
+
+    a, b = fsdp1_runs["lightning_orig" if orig else "lightning_flat"]
+    assert a == b and a["seen"] == 6  # every rank: the same norms and state
+    assert a["post"] == pytest.approx(_rule(a["pre"], ALPHA, BETA), rel=1e-5)  # pre and post: torch's clip_grad_norm_
+    assert any(p < n * 0.99 for p, n in zip(a["post"], a["pre"]))
+    assert a["pre"] == pytest.approx(single["pre"], rel=1e-5)
+    assert a["post"] == pytest.approx(single["post"], rel=1e-5)
+    assert a["ema"] == pytest.approx(single["ema"], rel=1e-5)
+
+
+FSDP1_CONFIGS = ["full_flat", "full_orig", "grad_op", "no_shard", "hybrid_1x2", "hybrid_2x1", "mixed"]
+
+
+@pytest.mark.parametrize("config", FSDP1_CONFIGS)
+def test_fsdp1_norm_and_clip_equal_torchs_clip_grad_norm(fsdp1_runs, config):
+    """torch's FSDP directly (flat parameters, every sharding strategy): the norm is
+    ``FullyShardedDataParallel.clip_grad_norm_``'s and the float64 norm of an unsharded copy; the clipped local
+    gradients are torch's; the per-tensor norms add up to the post-clip norm."""
+    a, b = (run[config] for run in fsdp1_runs["core"])
+    ref = fsdp1_runs["core"][0]["ref"]
+    for r in (a, b):
+        assert r["norm"] == pytest.approx(r["torch_norm"], rel=1e-6)
+        for ours, theirs in zip(r["grads"], r["torch_grads"]):  # clip_val / n vs torch's max_norm / (n + 1e-6)
+            assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+        if config != "hybrid_2x1":
+            assert r["norm"] == pytest.approx(ref, rel=1e-6)
+            assert math.sqrt(r["per_sq_sum"]) == pytest.approx(0.5, rel=1e-5)  # post-clip norm = clip_val
+    if config == "hybrid_2x1":  # torch does not average the 2 replicas' gradients there (see tests/fsdp1_run.py)
+        assert not a["sharded"] and a["norm"] != b["norm"]
+    else:
+        assert a["norm"] == b["norm"] and a["sharded"] == (config != "no_shard")
+
+
+@pytest.mark.parametrize("config", FSDP1_CONFIGS)
+def test_fsdp1_nonfinite_skip_and_error_on_every_rank(fsdp1_runs, config):
+    """A nan in rank 1's shard only (in every rank's whole gradient for NO_SHARD): every rank skips the step (every
+    grad None) and every rank raises the same error, naming the parameter; an overflow names the largest entries."""
+    a, b = (run[config] for run in fsdp1_runs["core"])
+    assert all(a["skip"]) and all(b["skip"])
+    assert a["error"] == b["error"]
+    assert a["error"].startswith("Non-finite gradients at step 0 in: ") and "_fsdp_wrapped_module" in a["error"]
+    for r in (a, b):
+        assert r["overflow"].startswith("Gradient norm overflow at step 0") and "max |g| =" in r["overflow"]
+    if config != "hybrid_2x1":
+        assert a["overflow"] == b["overflow"]

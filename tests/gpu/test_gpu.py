@@ -9,7 +9,8 @@ non-logging step (adaptive, norm, value, sparsity on, foreach and ``fused=True``
 ``16-mixed`` with a real ``GradScaler`` (fused Adam too), ``16-true`` and ``bf16-true``; the norm kernels and the
 optimizers against float64 references; the clipping and optimizer benchmarks on CUDA (ratios against
 ``clip_grad_norm_(foreach=True)`` and ``Adam(fused=True)``, printed); with two GPUs, the FSDP2 / tensor-parallel runs
-of ``tests/sharded_run.py`` over NCCL (else skipped, saying so).
+of ``tests/sharded_run.py`` and the FSDP1 runs of ``tests/fsdp1_run.py`` (Lightning's ``FSDPStrategy`` itself) over
+NCCL (else skipped, saying so).
 """
 
 from __future__ import annotations
@@ -169,3 +170,36 @@ def test_sharded_runs_on_two_gpus(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_run.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDPStrategy (FSDP1) on CUDA needs two GPUs")
+def test_fsdp1_strategy_on_two_gpus(tmp_path):
+    """Lightning's own ``FSDPStrategy`` over NCCL (tests/fsdp1_run.py): the callback's norm is torch's FSDP norm on
+    every rank, and torch's FSDP directly under every sharding strategy matches ``clip_grad_norm_``."""
+    import json
+
+    from tests.sharded_run import ALPHA, BETA
+    from tests.test_ddp import _RANK_VARIABLES, _free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+    env.update(PL_DISABLE_FORK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               LIGHTNING_CLIP_ACCELERATOR="cuda")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fsdp1_run.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def load(name):
+        return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+
+    for name in ("lightning_orig", "lightning_flat"):
+        a, b = load(name)
+        assert a == b and a["seen"] == 6
+        post, m = [], None
+        for n in a["pre"]:
+            post.append(n if m is None else min(n, ALPHA * m))
+            m = n if m is None else BETA * m + (1 - BETA) * n
+        assert a["post"] == pytest.approx(post, rel=1e-5)
+    for record in load("core"):
+        for config, r in record.items():
+            if config != "ref":
+                assert r["norm"] == pytest.approx(r["torch_norm"], rel=1e-5), config
