@@ -15,6 +15,10 @@ from tests.lightning_ns import pl
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 
+#: FSDP2 (``fully_shard``) runs on CPU only where torch's CPU stream can record events (newer than torch 2.6).
+FSDP2_ON_CPU = hasattr(torch.cpu.Stream, "record_event")
+FSDP2_SKIP_REASON = f"FSDP2 fully_shard on CPU needs torch.cpu.Stream.record_event (torch {torch.__version__} lacks it)"
+
 
 def norm64(tensors) -> float:
     """Float64 reference of the global L2 norm."""

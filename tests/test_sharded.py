@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from tests.conftest import FSDP2_ON_CPU, FSDP2_SKIP_REASON
 from tests.lightning_ns import pl
 from tests.test_ddp import _RANK_VARIABLES, _free_port
 
@@ -46,6 +47,8 @@ def _run_two_processes(script: str, out, names: tuple[str, ...]) -> dict[str, li
 def runs(tmp_path_factory) -> dict[str, list[dict]]:
     from tests.sharded_run import PRECISIONS
 
+    if not FSDP2_ON_CPU:
+        pytest.skip(FSDP2_SKIP_REASON)
     names = ("core", "fsdp2", "tp", "fsdp2_resume", *(f"fsdp2_{p}" for p in PRECISIONS))
     return _run_two_processes(SCRIPT, tmp_path_factory.mktemp("sharded"), names)
 

@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from lightning_clip import AdaptiveClippingOptimizer, AdaptiveGradientClipping, log_clipping
-from tests.conftest import TinyRegressor, norm64, read_scalars, regression_loader, trainer_kwargs
+from tests.conftest import (
+    FSDP2_ON_CPU,
+    FSDP2_SKIP_REASON,
+    TinyRegressor,
+    norm64,
+    read_scalars,
+    regression_loader,
+    trainer_kwargs,
+)
 from tests.lightning_ns import NS, pl
 from tests.test_callback import _no_host_sync
 from tests.test_dashboard import read_layout
@@ -428,7 +436,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize(
+    "mode", ["ddp", pytest.param("fsdp2", marks=pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_SKIP_REASON))]
+)
 def test_distributed_over_gloo_ranks_agree_and_match_one_process(mode, tmp_path):
     """DDP (whole, averaged gradients) and FSDP2 ``fully_shard`` (DTensor shards): the wrapper clips by the whole
     model's norm, identically on both ranks, as one process does on the same global batches."""
