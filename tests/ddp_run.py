@@ -1,6 +1,7 @@
 """Fit the tiny regressor with AdaptiveGradientClipping, on one process or with DDP over gloo; dump the state.
 
-Used by tests/test_ddp.py: ``python tests/ddp_run.py OUT.json DEVICES BATCH_SIZE``.
+Used by tests/test_ddp.py: ``python tests/ddp_run.py OUT DEVICES BATCH_SIZE [PRECISION ...]``: one fit per precision
+(default ``32-true``), in the same processes; each rank of each fit writes ``OUT.PRECISION.rankR`` (JSON).
 """
 
 import json
@@ -29,7 +30,12 @@ class Sharded(TinyRegressor):
         return DataLoader(Subset(data, indices), batch_size=self.batch_size, shuffle=False)
 
 
-def main(out: str, devices: int, batch_size: int) -> None:
+def main(out: str, devices: int, batch_size: int, precisions: list[str]) -> None:
+    for precision in precisions or ["32-true"]:
+        fit(f"{out}.{precision}", devices, batch_size, precision)
+
+
+def fit(out: str, devices: int, batch_size: int, precision: str) -> None:
     pl.seed_everything(0, verbose=False)
     model = Sharded(devices, batch_size)
     cb = AdaptiveGradientClipping(alpha=1.1, beta=0.7)
@@ -38,6 +44,7 @@ def main(out: str, devices: int, batch_size: int) -> None:
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_steps=6,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -53,10 +60,11 @@ def main(out: str, devices: int, batch_size: int) -> None:
         "seen": int(state.seen),
         "norms": model.backward_norms,
         "weights": [float(v) for v in model.net[-1].weight.detach().flatten()],
+        "grad_dtype": str(model.net[-1].weight.dtype),
     }
     with open(f"{out}.rank{trainer.global_rank}", "w") as f:
         json.dump(record, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])

@@ -29,7 +29,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path, devices: int, batch_size: int) -> list[dict]:
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true")
+
+
+def _run(tmp_path, devices: int, batch_size: int) -> dict[str, list[dict]]:
     out = str(tmp_path / f"d{devices}")
     for _attempt in range(3):  # another process may grab the free port between the check and the bind
         # a Trainer earlier in this process may have left its rank variables behind: the child must start clean
@@ -42,7 +45,7 @@ def _run(tmp_path, devices: int, batch_size: int) -> list[dict]:
             "OMP_NUM_THREADS": "1",
         }
         proc = subprocess.run(
-            [sys.executable, SCRIPT, out, str(devices), str(batch_size)],
+            [sys.executable, SCRIPT, out, str(devices), str(batch_size), *PRECISIONS],
             capture_output=True,
             text=True,
             timeout=300,
@@ -51,18 +54,49 @@ def _run(tmp_path, devices: int, batch_size: int) -> list[dict]:
         if "EADDRINUSE" not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = []
-    for rank in range(devices):
-        with open(f"{out}.rank{rank}") as f:
-            records.append(json.load(f))
+    records: dict[str, list[dict]] = {}
+    for precision in PRECISIONS:
+        records[precision] = []
+        for rank in range(devices):
+            with open(f"{out}.{precision}.rank{rank}") as f:
+                records[precision].append(json.load(f))
     return records
 
 
-def test_ddp_ranks_agree_and_match_one_process(tmp_path):
-    ddp = _run(tmp_path, devices=2, batch_size=8)  # 2 ranks x 8 samples = the global batch of 16
-    single = _run(tmp_path, devices=1, batch_size=16)[0]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    return _run(tmp, devices=2, batch_size=8), _run(tmp, devices=1, batch_size=16)  # the same global batches of 16
+
+
+def test_ddp_ranks_agree_and_match_one_process(runs):
+    ddp, single = runs[0]["32-true"], runs[1]["32-true"][0]
     assert ddp[0]["seen"] == ddp[1]["seen"] == single["seen"] == 6
     assert ddp[0]["ema"] == ddp[1]["ema"]
     assert ddp[0]["weights"] == ddp[1]["weights"]
     assert ddp[0]["ema"] == pytest.approx(single["ema"], rel=1e-5)
     assert ddp[0]["weights"] == pytest.approx(single["weights"], rel=1e-4, abs=1e-6)
+
+
+def _ema(norms: list[float], beta: float = 0.7) -> float:
+    m = norms[0]
+    for n in norms[1:]:
+        m = beta * m + (1 - beta) * n
+    return m
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype", "rel"),
+    [("bf16-mixed", "torch.float32", 3e-2), ("bf16-true", "torch.bfloat16", 3e-2), ("64-true", "torch.float64", 1e-5)],
+)
+def test_ddp_precisions_norm_accumulated_in_float32_at_least(runs, precision, dtype, rel):
+    """Under DDP the hook sees the all-reduced gradients: the average follows the float64 norms of exactly those
+    gradients to float32 rounding, on both ranks alike; against one process only the precision's own rounding (the
+    ranks reduce the batch in another order) separates the runs."""
+    ddp, single = runs[0][precision], runs[1][precision][0]
+    assert ddp[0]["grad_dtype"] == dtype
+    assert ddp[0]["ema"] == ddp[1]["ema"] and ddp[0]["weights"] == ddp[1]["weights"]
+    assert ddp[0]["seen"] == single["seen"] == 6
+    for record in (*ddp, single):
+        assert record["ema"] == pytest.approx(_ema(record["norms"]), rel=1e-5)  # the state is kept in float32
+    assert ddp[0]["ema"] == pytest.approx(single["ema"], rel=rel)
