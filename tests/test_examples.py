@@ -130,3 +130,78 @@ def test_wrapper_examples_train_quickly_and_write_the_dashboard(tmp_path, monkey
     assert result["steps"] == 40 and result["val/acc"] > 0.2
     scalars = read_scalars(tmp_path / run_dir)
     assert len(scalars["clip/grad_norm"]) == 4 and len(scalars["clip/threshold"]) == 4
+
+
+def _run_quick(script: str, tmp_path, monkeypatch) -> dict:
+    """Run a result script's ``--quick`` mode in this process (mnist1d stays cached) into ``tmp_path``."""
+    import runpy
+
+    import torch
+
+    threads = torch.get_num_threads()  # the scripts train on one thread: give the rest of the suite its threads back
+    monkeypatch.setattr(sys, "argv", [script, "--quick", "--out", str(tmp_path)])
+    try:
+        result = runpy.run_path(os.path.join(ROOT, "examples", script))["main"]()
+    finally:
+        torch.set_num_threads(threads)
+    name = script[: -len(".py")]
+    with open(tmp_path / f"{name}.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / f"{name}.md").read_text()
+    assert f"Command: `python examples/{script} --quick --out {tmp_path}`" in md and "CPU build" in md
+    assert "Run time: " in md
+    return result, md
+
+
+def _finite(*values) -> bool:
+    import math
+
+    return all(math.isfinite(v) for v in values)
+
+
+def test_tuned_comparison_quick_tunes_four_methods_and_tables_every_setting(tmp_path, monkeypatch):
+    result, md = _run_quick("tuned_comparison.py", tmp_path, monkeypatch)
+    assert set(result["searches"]) == {"fixed", "adaptive", "sign", "norm"}
+    assert len(result["summary"]) == 9  # 2 x original report, 2 x tune.py, 4 tuned here, Adam alone
+    for name, s in result["summary"].items():
+        assert name in md and _finite(s["final_loss"], s["final_acc"]) and 0.5 < s["final_loss"] < 3.0
+    assert sum("tuned here" in name for name in result["summary"]) == 4
+
+
+def test_sensitivity_quick_reports_the_spread_of_both_grids(tmp_path, monkeypatch):
+    result, md = _run_quick("sensitivity.py", tmp_path, monkeypatch)
+    for method, knob in (("fixed", "clip_val"), ("adaptive", "alpha")):
+        grid = result[method]["grid"]
+        assert [round(r[knob], 3) for r in grid] == [0.1, 1.0, 10.0]
+        assert all(_finite(r["final_loss"], r["final_acc"]) for r in grid)
+        loss = result[method]["loss"]
+        assert loss["range"] == pytest.approx(loss["max"] - loss["min"]) and 0 <= loss["iqr"] <= loss["range"]
+    assert result["fixed"]["grid"][0]["clipped_frac"] == 1.0  # clip_val 0.1 clips every step
+    assert result["fixed"]["grid"][-1]["clipped_frac"] == 0.0  # 10 never does
+    assert "Adam + fixed clipping (clip_val grid)" in md and "Adam + adaptive (alpha grid)" in md
+
+
+def test_lr_tolerance_quick_has_five_methods_over_the_grid(tmp_path, monkeypatch):
+    result, md = _run_quick("lr_tolerance.py", tmp_path, monkeypatch)
+    assert len(result["curves"]) == 5
+    for name, curve in result["curves"].items():
+        assert len(curve) == 3 and all(0 < v <= 2.5 for v in curve) and name in md
+        assert result["summary"][name]["best_lr"] in (1e-5, 1e-2, 10.0)
+
+
+def test_equivalence_quick_value_clipping_matches_smoothed_signsgd(tmp_path, monkeypatch):
+    result, md = _run_quick("equivalence.py", tmp_path, monkeypatch)
+    value = result["value"]["0.0001"]["cos"]
+    assert len(value) == 40 and min(value) > 0.98  # aggressive value clipping: Adam takes SmoothedSignSGD's step
+    norm = result["norm"]["0.001"]["cos"]
+    assert len(norm) == 40 and all(-1.0 <= c <= 1.0 for c in norm)
+    assert "SmoothedSignSGD(bias_correction=True)" in md and "SmoothedNormSGD(global" in md
+
+
+def test_natural_explosion_quick_clipping_trains_where_adam_alone_stalls(tmp_path, monkeypatch):
+    result, md = _run_quick("natural_explosion.py", tmp_path, monkeypatch)
+    s = result["summary"]
+    assert result["runs"]["Adam, no clipping"][0]["norm"][0] > 1000  # the first gradients explode by themselves
+    assert s["fixed norm clipping at 1"]["final_loss"] < s["Adam, no clipping"]["final_loss"] - 0.2
+    assert s["adaptive + max_norm 1"]["final_loss"] < s["Adam, no clipping"]["final_loss"] - 0.2
+    assert all(name in md for name in s)
