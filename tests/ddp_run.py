@@ -20,8 +20,8 @@ from tests.lightning_ns import pl  # noqa: E402
 class Sharded(TinyRegressor):
     """Rank r of W reads samples r, r+W, r+2W, ... in order: together the ranks read the one-process batches."""
 
-    def __init__(self, devices: int, batch_size: int) -> None:
-        super().__init__(lr=0.05)
+    def __init__(self, devices: int, batch_size: int, optimizer: str = "adam") -> None:
+        super().__init__(lr=0.05, optimizer=optimizer)
         self.devices, self.batch_size = devices, batch_size
 
     def train_dataloader(self):
@@ -37,7 +37,8 @@ def main(out: str, devices: int, batch_size: int, precisions: list[str]) -> None
 
 def fit(out: str, devices: int, batch_size: int, precision: str) -> None:
     pl.seed_everything(0, verbose=False)
-    model = Sharded(devices, batch_size)
+    # Adam in pure float16 underflows its eps and diverges whatever the clipping: SGD for 16-true
+    model = Sharded(devices, batch_size, optimizer="sgd" if precision == "16-true" else "adam")
     cb = AdaptiveGradientClipping(alpha=1.1, beta=0.7)
     trainer = pl.Trainer(
         accelerator="cpu",

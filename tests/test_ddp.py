@@ -29,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true", "16-true")
 
 
 def _run(tmp_path, devices: int, batch_size: int) -> dict[str, list[dict]]:
@@ -87,7 +87,12 @@ def _ema(norms: list[float], beta: float = 0.7) -> float:
 
 @pytest.mark.parametrize(
     ("precision", "dtype", "rel"),
-    [("bf16-mixed", "torch.float32", 3e-2), ("bf16-true", "torch.bfloat16", 3e-2), ("64-true", "torch.float64", 1e-5)],
+    [
+        ("bf16-mixed", "torch.float32", 3e-2),
+        ("bf16-true", "torch.bfloat16", 3e-2),
+        ("16-true", "torch.float16", 1e-2),
+        ("64-true", "torch.float64", 1e-5),
+    ],
 )
 def test_ddp_precisions_norm_accumulated_in_float32_at_least(runs, precision, dtype, rel):
     """Under DDP the hook sees the all-reduced gradients: the average follows the float64 norms of exactly those
