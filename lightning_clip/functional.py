@@ -35,8 +35,9 @@ to ``[-clip_val, clip_val]``; both still track ``m`` so that the logs compare li
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,6 +57,8 @@ __all__ = [
     "NonFinitePolicy",
     "clip_grads_",
     "clip_step_",
+    "cpu_fast_path",
+    "cpu_read",
     "fused_scale_grads_",
     "global_grad_norm",
     "global_max_abs",
@@ -403,6 +406,11 @@ _BITS = {
 }
 
 
+#: Entries per chunk of the for-loop kernel of :func:`scale_grads_` on tensors larger than that (1 MiB of float32:
+#: the multiplication's output is still in the L2 cache when the mask reads it).
+_CHUNK = 1 << 18
+
+
 def _keep_mask(coef: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor | None:
     bits = _BITS.get(dtype)
     if bits is None:
@@ -483,9 +491,72 @@ def scale_grads_(grads: Sequence[Tensor], coef: Tensor, *, zero_nonfinite: bool,
         c = coefs.get(g.device)
         if c is None:
             c = coefs[g.device] = coef.to(g.device)
+        mask = mask_for(g) if zero_nonfinite else None
+        if mask is not None and g.numel() > _CHUNK and g.is_contiguous():
+            # a tensor much larger than the cache: multiply and mask one cache-sized chunk at a time, so the mask
+            # reads the chunk the multiplication just wrote (one trip to memory instead of two; same bits)
+            flat = g.view(-1)
+            for chunk in flat.split(_CHUNK):
+                chunk.mul_(c)
+                chunk.view(mask.dtype).bitwise_and_(mask)
+            continue
         g.mul_(c)
         if zero_nonfinite:
-            _zero_where_masked_(g, mask_for(g))
+            _zero_where_masked_(g, mask)
+
+
+#: Whether :func:`clip_grads_` reads the clip coefficient back on CPU to skip passes that change nothing (see
+#: :func:`cpu_read`). Only CPU tensors are ever read; :func:`cpu_fast_path` switches it for a block.
+CPU_FAST_PATH = True
+
+
+@contextlib.contextmanager
+def cpu_fast_path(enabled: bool) -> Iterator[None]:
+    """Turn the CPU fast path of :func:`clip_grads_` on or off for the block (restored afterwards).
+
+    Off, CPU tensors take the path of accelerators: nothing is read back to the host. The results are bit-identical
+    either way; tests switch it off to check the sync-free path with guards on ``.item()`` / ``float()``.
+    """
+    global CPU_FAST_PATH
+    saved = CPU_FAST_PATH
+    CPU_FAST_PATH = bool(enabled)
+    try:
+        yield
+    finally:
+        CPU_FAST_PATH = saved
+
+
+def cpu_read(coef: Tensor, grads: Sequence[Tensor]) -> float | None:
+    """The clip coefficient ``c_t`` as a Python float when the read is free, else ``None``.
+
+    Free means: :data:`CPU_FAST_PATH` is on and ``coef`` and every gradient are CPU tensors, where ``.item()`` is a
+    memory read, not a device synchronisation. The one place the clipping reads a value back on a non-logging step;
+    on CUDA, MPS, XLA it always returns ``None`` (the sync-free path).
+    """
+    if not CPU_FAST_PATH or coef.device.type != "cpu" or any(g.device.type != "cpu" for g in grads):
+        return None
+    return coef.item()
+
+
+def _scale_known_(
+    grads: Sequence[Tensor], coef: Tensor, known: float, *, zero_nonfinite: bool, foreach: bool | None, fused: bool
+) -> None:
+    """:func:`scale_grads_` / :func:`fused_scale_grads_` with ``c = known`` read on the host, bit for bit the same.
+
+    ``c == 1``: nothing (``g * 1 = g`` and the mask is all ones). ``c == 0`` with ``zero_nonfinite``: ``g <- +0.0``
+    (what ``g * 0`` AND-ed with the all-zeros mask gives, ``nan`` and ``inf`` included). Otherwise, with
+    ``zero_nonfinite``, the mask is all ones (``c != 0``): the multiplication alone.
+    """
+    if known == 1.0:
+        return
+    if zero_nonfinite and known == 0.0 and all(g.dtype in _BITS for g in grads):
+        for g in grads:
+            g.zero_()
+        return
+    if fused:
+        fused_scale_grads_(grads, coef)
+    else:
+        scale_grads_(grads, coef, zero_nonfinite=zero_nonfinite and known == 0.0, foreach=foreach)
 
 
 @dataclass(frozen=True)
@@ -705,7 +776,10 @@ def clip_grads_(
         coef = (threshold / norm.clamp_min(TINY)).clamp(max=1.0)
         clipped = finite & (norm > threshold)
         coef = torch.where(finite, coef, 0.0 if zero else 1.0).to(torch.float32)
-        if fused:
+        known = cpu_read(coef, grads)
+        if known is not None:  # CPU: the read is free, so skip the passes that would change nothing
+            _scale_known_(grads, coef, known, zero_nonfinite=zero, foreach=foreach, fused=fused)
+        elif fused:
             fused_scale_grads_(grads, coef)
         else:
             scale_grads_(grads, coef, zero_nonfinite=zero, foreach=foreach)

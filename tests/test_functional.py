@@ -265,3 +265,59 @@ def test_fused_kernel_matches_the_eager_one_bit_for_bit():
         clip_grads_(g2, s2, rule)
         assert all(torch.equal(x, y) for x, y in zip(g1, g2))
     assert torch.equal(s1.ema, s2.ema)
+
+
+# ------------------------------------------------------------------------------------------- CPU fast path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("nonfinite", ["zero", "keep"])
+@pytest.mark.parametrize("kernel", [{"foreach": False}, {"foreach": True}])
+def test_cpu_fast_path_is_bit_identical_to_the_sync_free_path(dtype, nonfinite, kernel):
+    """On CPU, reading ``c_t`` back and skipping the passes that change nothing gives the same bits as the
+    sync-free path of accelerators, over steps with no clipping, a spike, a ``nan`` step, an ``inf`` step, a zero
+    step, and the grads, norms, coefficients and every state tensor agree."""
+    from lightning_clip.functional import cpu_fast_path, cpu_read
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (33,), (4, 4, 3), (1,)]
+    rules = [ClipRule(alpha=1.5, beta=0.8, warmup_steps=1), ClipRule(mode="norm", clip_val=0.9)]
+    for rule in rules:
+        states = {True: ClipState.zeros(), False: ClipState.zeros()}
+        for step in range(12):
+            base = [torch.randn(s, dtype=torch.float64) * (20.0 if step in (5, 9) else 1.0) for s in shapes]
+            if step == 3:
+                base[1][2] = float("nan")
+            if step == 7:
+                base[0][1, 1] = float("inf")
+            if step == 8:
+                base = [torch.zeros_like(g) for g in base]
+            base = [g.to(dtype) for g in base]
+            out = {}
+            for fast in (True, False):
+                grads = [g.clone() for g in base]
+                with cpu_fast_path(fast):
+                    assert (cpu_read(torch.ones(()), grads) is not None) == fast
+                    stats = clip_grads_(grads, states[fast], rule, nonfinite=nonfinite, **kernel)
+                out[fast] = (grads, stats)
+            for a, b in zip(out[True][0], out[False][0]):
+                bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
+                assert torch.equal(a.view(bits), b.view(bits)), step  # bit for bit: nan payloads and +0.0 too
+            for field in ("norm", "threshold", "coef", "clipped", "finite"):
+                x, y = getattr(out[True][1], field), getattr(out[False][1], field)
+                assert torch.equal(x, y) or (x.isnan() & y.isnan()).all(), (step, field)
+            for field, value in vars(states[True]).items():
+                assert torch.equal(value, getattr(states[False], field)), (step, field)
+        assert int(states[True].clipped) > 0 and int(states[True].nonfinite) == 2
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.37, 1.0])
+def test_chunked_scale_and_zero_matches_the_two_passes(coef):
+    """A tensor larger than a chunk is multiplied and masked chunk by chunk: the same bits as the two whole passes."""
+    from lightning_clip.functional import _CHUNK, _keep_mask
+
+    g = torch.randn(3 * _CHUNK + 5)
+    g[7], g[_CHUNK + 1], g[-1] = float("nan"), float("inf"), -0.5
+    c = torch.tensor(coef)
+    expected = g.clone().mul_(c)
+    expected.view(torch.int32).bitwise_and_(_keep_mask(c, torch.float32, g.device))
+    scale_grads_([g], c, zero_nonfinite=True, foreach=False)
+    assert torch.equal(g.view(torch.int32), expected.view(torch.int32))
