@@ -1,0 +1,396 @@
+"""One benchmark command for the README's table: every variant side by side in one process, like with like.
+
+Parts (``--part``, repeatable; default all):
+
+* ``clipping``: the clipping work alone against ``torch.nn.utils.clip_grad_norm_(foreach=True)`` on the same
+  gradients, in the steady state (nothing to clip) and on a spike (every call clips), with the CPU fast path (the
+  default on CPU tensors) and with the sync-free path of accelerators (``cpu_fast_path(False)``), and the peers at
+  their best paths: ZClip (``ZClip.step``) and smartclip (``ZScoreClip``, global scope), steady state.
+* ``optimizers``: one ``step()`` of ``SmoothedSignSGD`` / ``SmoothedNormSGD`` (default, foreach and, without
+  ``--quick``, ``fused=True``) against SGD-momentum's fastest CPU kernel (the faster of ``foreach=False/True``, per
+  shape set), with ``Adam(fused=True)`` and pytorch_optimizer's ``SignSGD`` / ``Lion`` (foreach against foreach,
+  when importable).
+* ``step``: a whole Trainer step with the callback at its defaults (sparsity logging on, logging every 50 steps)
+  against the same step with ``gradient_clip_val=1.0``.
+* ``wrapper``: ``AdaptiveClippingOptimizer.step`` against its wrapped optimizer's step plus
+  ``clip_grad_norm_(foreach=True)``.
+
+Shape sets: ``grid`` (16M float32 parameters in 100 tensors of 400 x 400) and ``gpt`` (54M float32 parameters shaped
+as a 12-layer GPT of width 512 with a 32000 x 512 embedding: 65.5 MB, much larger than the cache).
+
+Every variant is timed in interleaved rounds (each round times every variant once, ``inner`` calls each, so a drift
+of the machine hits all alike); the table gives medians over the rounds, and the ratio's spread is the range of the
+per-round ratios. Writes ``benchmarks/out/<name>.json`` (git-ignored) and ``benchmarks/results.md``.
+
+Run: ``python benchmarks/bench_all.py`` (about 8 minutes on 2 CPU cores), ``--quick`` for a smoke run (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from lightning_clip.functional import ClipRule, ClipState, clip_grads_, cpu_fast_path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PARTS = ("clipping", "optimizers", "step", "wrapper")
+
+
+# --------------------------------------------------------------------------- shapes and timing
+def grid_shapes(quick: bool) -> list[tuple[int, ...]]:
+    """100 tensors of 400 x 400 (16M parameters); 20 with ``quick``."""
+    return [(400, 400)] * (4 if quick else 100)
+
+
+def gpt_shapes(quick: bool) -> list[tuple[int, ...]]:
+    """A GPT-like set: a ``vocab x d`` embedding and ``layers`` blocks (qkv, projection, 4x MLP, two layer norms,
+    with biases): 54.2M parameters at ``vocab = 32000, d = 512, layers = 12``; a small one with ``quick``."""
+    vocab, d, layers = (1000, 64, 1) if quick else (32000, 512, 12)
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def make_params(shapes: Sequence[tuple[int, ...]], seed: int = 0) -> list[nn.Parameter]:
+    """Parameters with gradients ``N(0, 0.01^2)`` (the same for every variant)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 0.01
+    return params
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -> dict[str, list[float]]:
+    """Per-round milliseconds per call of each function, the functions taking turns within each round."""
+    for fn in fns.values():  # warm-up: allocations, first-call paths
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner * 1e3)
+    return times
+
+
+def ratio_row(times: dict[str, list[float]], name: str, base: str | Sequence[str]) -> dict[str, float]:
+    """``name`` against ``base`` (or the fastest of several bases, per round): median ms and the ratio of medians,
+    with the range of the per-round ratios as its spread."""
+    bases = [base] if isinstance(base, str) else list(base)
+    base_rounds = [min(times[b][i] for b in bases) for i in range(len(times[name]))]
+    per_round = [a / b for a, b in zip(times[name], base_rounds)]
+    ms, base_ms = statistics.median(times[name]), statistics.median(base_rounds)
+    return {"ms": ms, "base_ms": base_ms, "ratio": ms / base_ms, "lo": min(per_round), "hi": max(per_round)}
+
+
+# --------------------------------------------------------------------------- part 1: clipping
+class _Holder(nn.Module):
+    """An ``nn.Module`` owning the parameters, for the peers that take a model."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.ps = nn.ParameterList(params)
+
+
+def bench_clipping(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner: int) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for set_name, shapes in sets.items():
+        params = make_params(shapes)
+        grads = [p.grad for p in params]
+        norm0 = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        rule = ClipRule()  # alpha 3.8, beta 0.918
+        steady = {fast: ClipState.zeros() for fast in (True, False)}
+        for state in steady.values():  # a seeded average: the steady state clips nothing
+            state.ema.fill_(norm0)
+            state.seen.fill_(100)
+        spike = {fast: ClipState.zeros() for fast in (True, False)}
+        target = {"t": norm0, "torch": norm0}
+
+        def ours_steady(fast: bool) -> Callable[[], object]:
+            def run() -> object:
+                with cpu_fast_path(fast):
+                    return clip_grads_(grads, steady[fast], rule)
+
+            return run
+
+        def ours_spike(fast: bool) -> Callable[[], object]:
+            state = spike[fast]
+
+            def run() -> object:  # the threshold falls 0.1 % a call: every call clips by 0.999, the scale stays sane
+                target["t"] *= 0.999
+                state.ema.fill_(target["t"] / rule.alpha)
+                state.seen.fill_(100)
+                with cpu_fast_path(fast):
+                    return clip_grads_(grads, state, rule)
+
+            return run
+
+        def torch_steady() -> object:
+            return torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True)
+
+        def torch_spike() -> object:
+            target["torch"] *= 0.999
+            return torch.nn.utils.clip_grad_norm_(params, target["torch"], foreach=True)
+
+        fns: dict[str, Callable[[], object]] = {
+            "torch clip_grad_norm_(foreach=True)": torch_steady,
+            "ours steady (CPU fast path)": ours_steady(True),
+            "ours steady (sync-free path)": ours_steady(False),
+            "torch clip_grad_norm_(foreach=True), clipping": torch_spike,
+            "ours spike (CPU fast path)": ours_spike(True),
+            "ours spike (sync-free path)": ours_spike(False),
+        }
+        model = _Holder(params)
+        with contextlib.suppress(ImportError):
+            from zclip import ZClip
+
+            zclip = ZClip(max_grad_norm=None, warmup_steps=5)
+            for _ in range(6):
+                zclip.step(model)
+            fns["ZClip.step (steady)"] = lambda: zclip.step(model)
+        with contextlib.suppress(ImportError):
+            import smartclip
+
+            clipper = smartclip.ZScoreClip()
+            for _ in range(30):
+                smartclip.apply(model, clipper)
+            fns["smartclip ZScoreClip (steady)"] = lambda: smartclip.apply(model, clipper)
+        times = interleaved(fns, rounds, inner)
+        rows = {}
+        for name in fns:
+            base = "torch clip_grad_norm_(foreach=True)"
+            if "spike" in name or name.endswith("clipping"):
+                base = "torch clip_grad_norm_(foreach=True), clipping"
+            rows[name] = ratio_row(times, name, base)
+        for peer in ("ZClip.step (steady)", "smartclip ZScoreClip (steady)"):
+            if peer in fns:
+                rows[f"ours steady / {peer}"] = ratio_row(times, "ours steady (CPU fast path)", peer)
+        out[set_name] = rows
+    return out
+
+
+# --------------------------------------------------------------------------- part 2: optimizers
+def bench_optimizers(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner: int, fused: bool) -> dict[str, dict]:
+    from lightning_clip.optim import SmoothedNormSGD, SmoothedSignSGD
+
+    out: dict[str, dict] = {}
+    lr = 1e-6
+    for set_name, shapes in sets.items():
+        params = make_params(shapes)
+        opts: dict[str, torch.optim.Optimizer] = {
+            "SGD(momentum=0.9, foreach=False)": torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=False),
+            "SGD(momentum=0.9, foreach=True)": torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True),
+            "SmoothedSignSGD (default)": SmoothedSignSGD(params, lr=lr),
+            "SmoothedSignSGD(foreach=True)": SmoothedSignSGD(params, lr=lr, foreach=True),
+            "SmoothedNormSGD (default)": SmoothedNormSGD(params, lr=lr),
+            "SmoothedNormSGD(foreach=True)": SmoothedNormSGD(params, lr=lr, foreach=True),
+            "Adam(fused=True)": torch.optim.Adam(params, lr=lr, fused=True),
+        }
+        with contextlib.suppress(ImportError):
+            import pytorch_optimizer as po
+
+            opts["pytorch_optimizer SignSGD(foreach)"] = po.SignSGD(params, lr=lr, momentum=0.9, foreach=True)
+            opts["pytorch_optimizer Lion(foreach)"] = po.Lion(params, lr=lr, foreach=True)
+        if fused:
+            opts["SmoothedSignSGD(fused=True)"] = SmoothedSignSGD(params, lr=lr, fused=True)
+            opts["SmoothedNormSGD(fused=True)"] = SmoothedNormSGD(params, lr=lr, fused=True)
+            for name in ("SmoothedSignSGD(fused=True)", "SmoothedNormSGD(fused=True)"):
+                start = time.perf_counter()
+                opts[name].step()
+                print(f"  [{set_name}] compiled {name} in {time.perf_counter() - start:.1f} s", flush=True)
+        times = interleaved({k: o.step for k, o in opts.items()}, rounds, inner)
+        sgd = ("SGD(momentum=0.9, foreach=False)", "SGD(momentum=0.9, foreach=True)")
+        rows = {name: ratio_row(times, name, sgd) for name in opts}
+        for name in opts:
+            if name.startswith("Smoothed") and "fused" in name:
+                rows[f"{name} / Adam(fused=True)"] = ratio_row(times, name, "Adam(fused=True)")
+        for ours, peer in (
+            ("SmoothedSignSGD(foreach=True)", "pytorch_optimizer SignSGD(foreach)"),
+            ("SmoothedSignSGD(foreach=True)", "pytorch_optimizer Lion(foreach)"),
+        ):
+            if peer in opts:
+                rows[f"{ours} / {peer}"] = ratio_row(times, ours, peer)
+        out[set_name] = rows
+        del opts, params
+    return out
+
+
+# --------------------------------------------------------------------------- part 3: the whole Trainer step
+def bench_step(rounds: int, steps: int, width: int) -> dict[str, dict]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_clip import AdaptiveGradientClipping
+
+    class Timer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            self.times.append(time.perf_counter() - self._start)
+
+    class Wide(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(256, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                     nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):  # noqa: ANN201
+            return torch.optim.Adam(self.parameters(), lr=1e-5)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32 * steps, 256), torch.randint(0, 10, (32 * steps,))), batch_size=32)
+    names = ("Trainer(gradient_clip_val=1.0)", "AdaptiveGradientClipping() defaults")
+    per_round: dict[str, list[float]] = {k: [] for k in names}
+    n = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for name in names:
+                pl.seed_everything(0, verbose=False)
+                model = Wide()
+                n = sum(p.numel() for p in model.parameters())
+                timer = Timer()
+                theirs = name.startswith("Trainer")
+                trainer = pl.Trainer(
+                    accelerator="cpu",
+                    max_steps=steps,
+                    logger=CSVLogger(tmp),
+                    log_every_n_steps=50,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    callbacks=[timer] if theirs else [timer, AdaptiveGradientClipping()],
+                    gradient_clip_val=1.0 if theirs else None,
+                )
+                trainer.fit(model, data)
+                # the mean over the steps (logging steps included, as a run pays them), the first two excluded
+                per_round[name].append(statistics.fmean(timer.times[2:]) * 1e3)
+    row = ratio_row(per_round, names[1], names[0])
+    return {f"mlp {n / 1e6:.1f}M, Adam, batch 32, {steps} steps x {rounds} rounds": {names[1]: row}}
+
+
+# --------------------------------------------------------------------------- part 4: the wrapper
+def bench_wrapper(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner: int) -> dict[str, dict]:
+    from lightning_clip import AdaptiveClippingOptimizer
+
+    out: dict[str, dict] = {}
+    for set_name, shapes in sets.items():
+        params = make_params(shapes)
+        rows = {}
+        for opt_name, make in (
+            ("SGD", lambda ps: torch.optim.SGD(ps, lr=1e-7)),
+            ("Adam", lambda ps: torch.optim.Adam(ps, lr=1e-7)),
+        ):
+            plain = make(params)
+            wrapped = AdaptiveClippingOptimizer(make(params))
+
+            def theirs(plain: torch.optim.Optimizer = plain, params: list[nn.Parameter] = params) -> None:
+                torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True)
+                plain.step()
+
+            times = interleaved({"theirs": theirs, "wrapper": wrapped.step}, rounds, inner)
+            rows[f"AdaptiveClippingOptimizer({opt_name}) / {opt_name} + clip_grad_norm_"] = ratio_row(
+                times, "wrapper", "theirs"
+            )
+        out[set_name] = rows
+        del params
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    build = "CUDA build" if torch.version.cuda else "CPU build"
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        f" {build}, Python {platform.python_version()}"
+    )
+
+
+def table(results: dict[str, dict]) -> list[str]:
+    lines = ["| part | set | variant | ms | ratio | spread |", "| --- | --- | --- | ---: | ---: | --- |"]
+    for part, sets in results.items():
+        for set_name, rows in sets.items():
+            for name, r in rows.items():
+                spread = f"{r['lo']:.2f}-{r['hi']:.2f}"
+                lines.append(f"| {part} | {set_name} | {name} | {r['ms']:.2f} | {r['ratio']:.3f}x | {spread} |")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", action="append", choices=PARTS, help="repeatable; default: all")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few rounds: a smoke run")
+    parser.add_argument("--name", default=None, help="JSON name under benchmarks/out (default: all, or quick)")
+    parser.add_argument("--no-markdown", action="store_true", help="do not write benchmarks/results.md")
+    args = parser.parse_args(argv)
+    parts = args.part or list(PARTS)
+    quick = args.quick
+    sets = {"grid": grid_shapes(quick), "gpt": gpt_shapes(quick)}
+    head = machine()
+    print(head, flush=True)
+    results: dict[str, dict] = {}
+    start = time.perf_counter()
+    if "clipping" in parts:
+        results["clipping"] = bench_clipping(sets, rounds=2 if quick else 15, inner=1 if quick else 3)
+    if "optimizers" in parts:
+        results["optimizers"] = bench_optimizers(sets, rounds=2 if quick else 11, inner=1 if quick else 2,
+                                                 fused=not quick)
+    if "step" in parts:
+        results["step"] = bench_step(rounds=1 if quick else 5, steps=4 if quick else 101, width=64 if quick else 2048)
+    if "wrapper" in parts:
+        results["wrapper"] = bench_wrapper(sets, rounds=2 if quick else 11, inner=1 if quick else 3)
+    elapsed = time.perf_counter() - start
+    lines = table(results)
+    print("\n".join(lines))
+    print(f"({elapsed:.0f} s)")
+    for r in (r for sets_ in results.values() for rows in sets_.values() for r in rows.values()):
+        assert math.isfinite(r["ratio"]), r
+    name = args.name or ("quick" if quick else "all")
+    os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
+    path = os.path.join(HERE, "out", f"{name}.json")
+    payload = {"machine": head, "torch": torch.__version__, "quick": quick, "parts": parts,
+               "seconds": elapsed, "results": results}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"written: {path}")
+    if not args.no_markdown and not quick:
+        md = os.path.join(HERE, "results.md")
+        with open(md, "w") as f:
+            f.write("# Benchmark results\n\n")
+            f.write(f"`python benchmarks/bench_all.py` ({', '.join(parts)}), {elapsed:.0f} s. Machine: {head}.\n\n")
+            f.write("Ratios: median ms of the variant / median ms of its baseline (the first row of its group:"
+                    " `clip_grad_norm_(foreach=True)`; the faster SGD-momentum kernel; the Trainer step with"
+                    " `gradient_clip_val`; the wrapped optimizer plus `clip_grad_norm_`), or the pair named."
+                    " Spread: the range of the per-round ratios.\n\n")
+            f.write("\n".join(lines) + "\n")
+        print(f"written: {md}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
