@@ -17,7 +17,8 @@ Methods, every one in the same plain loop (forward, backward, the method's clipp
   ``torch.nn.utils.clip_grad_norm_(params, c)`` before the step; the loop calls it directly, ``c`` = ``--clip-val``;
 * ZClip (``pip install zclip``) at its defaults, through its core ``ZClip().step(model)``, which is what its own
   Lightning callback calls in ``on_before_optimizer_step`` (its defaults include ``max_grad_norm=1.0``, a fixed cap
-  on top of its z-score rule); marked "not installed" when the package is missing;
+  on top of its z-score rule), and once more with ``max_grad_norm=None``, its z-score rule alone; marked "not
+  installed" when the package is missing;
 * this project's adaptive clipping (``AdaptiveClippingOptimizer``, the callback's rule) at its defaults (alpha 3.8,
   beta 0.918) and tuned: a small grid over alpha, beta and max_norm on the first seed (lowest final validation loss),
   the winner then run on the other seeds.
@@ -198,7 +199,7 @@ def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     loop.add_common_args(parser)
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--seeds", type=int, default=3, help="evaluation seeds, after the tuning seed --seed")
+    parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds, after the tuning seed --seed")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--d-model", type=int, default=64)
@@ -230,6 +231,9 @@ def main() -> dict:
         "no clipping": ("none", {}),
         f"Lightning gradient_clip_val={args.clip_val:g}": ("norm", {"clip_val": args.clip_val}),
         "ZClip (defaults)" if have_zclip else "ZClip (not installed)": ("zclip", {}),
+        "ZClip, max_grad_norm=None (z-score rule alone)"
+        if have_zclip
+        else "ZClip, max_grad_norm=None (not installed)": ("zclip", {"max_grad_norm": None}),
         "adaptive, defaults (alpha 3.8, beta 0.918)": ("adaptive", {}),
         f"adaptive, tuned ({label(best)})": ("adaptive", best),
     }
@@ -297,7 +301,7 @@ def main() -> dict:
     fig, axes = plt.subplots(2, 1, figsize=(9, 7.5), sharex=True)
     colors = plt.get_cmap("tab10").colors
     for (name, rs), color in zip(runs.items(), colors):
-        if rs is None:
+        if rs is None or "alone" in name:
             continue
         r = rs[0]
         steps = range(1, len(r["loss"]) + 1)

@@ -212,8 +212,8 @@ def test_lm_spikes_quick_tables_every_method_with_finite_numbers(tmp_path, monke
 
     result, md = _run_quick("lm_spikes.py", tmp_path, monkeypatch)
     s = result["summary"]
-    assert len(s) == 5 and all(name in md for name in s)
-    assert [name.split(" ")[0] for name in s] == ["no", "Lightning", "ZClip", "adaptive,", "adaptive,"]
+    assert len(s) == 6 and all(name in md for name in s)
+    assert [name.split(" ")[0] for name in s] == ["no", "Lightning", "ZClip", "ZClip,", "adaptive,", "adaptive,"]
     for name, row in s.items():
         if name.startswith("ZClip") and importlib.util.find_spec("zclip") is None:
             assert row is None and "not installed" in name  # CI does not install zclip: the row says so
