@@ -16,11 +16,11 @@ import argparse
 import statistics
 import time
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning.pytorch as pl
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.functional import ClipRule, ClipState, clip_grads_
 

@@ -154,7 +154,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(
             "  compiled SmoothedSignSGD / Adam(fused) = "
             f"{ratio('SmoothedSignSGD(fused=True)', 'Adam(fused=True)')}; "
-            f"compiled SmoothedNormSGD / Adam(fused) = {ratio('SmoothedNormSGD(global, fused=True)', 'Adam(fused=True)')}"
+            "compiled SmoothedNormSGD / Adam(fused) = "
+            f"{ratio('SmoothedNormSGD(global, fused=True)', 'Adam(fused=True)')}"
         )
         print(
             "  fused SmoothedSignSGD / SGD-momentum = "

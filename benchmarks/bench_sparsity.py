@@ -20,11 +20,11 @@ import statistics
 import tempfile
 import time
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning.pytorch as pl
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.monitor import UpdateSparsityMonitor
 
@@ -134,7 +134,8 @@ def bench_cost(steps: int) -> None:
         log = statistics.median(t.times[True][1:]) * 1e3
         held = lambda s: "/".join(f"{b / 2**20:.1f}" for b in sorted(s))  # noqa: E731
         print(
-            f"{name:30s} {non:14.1f} ms {log:10.1f} ms {held(t.held_in[False]) + ' / ' + held(t.held_in[True]) + ' MiB':>30s}"
+            f"{name:30s} {non:14.1f} ms {log:10.1f} ms "
+            f"{held(t.held_in[False]) + ' / ' + held(t.held_in[True]) + ' MiB':>30s}"
             f" {held(t.held_after) + ' MiB':>16s}"
         )
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 
+import lightning.pytorch as pl
 import torch
 
-import lightning.pytorch as pl
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.demo import MNIST1DClassifier, MNIST1DDataModule
 

@@ -14,6 +14,7 @@ import json
 import os
 
 import lightning.pytorch as pl
+
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.demo import MNIST1DClassifier, MNIST1DDataModule
 

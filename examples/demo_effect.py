@@ -1,4 +1,5 @@
-"""What the default demo's clipping buys: the built-in ``demo`` config with and without the callback, and without spikes.
+"""What the default demo's clipping buys: the built-in ``demo`` config with and without the callback, and without
+spikes.
 
 Runs ``lightning-clip fit`` (the built-in ``demo`` config: Adam at lr 0.01 on the mnist1d MLP, 100x the loss every
 100th step) three times through the same LightningCLI, and prints the final validation loss and accuracy of each:

@@ -92,7 +92,8 @@ def _configs_command(argv: Sequence[str]) -> int:
 
 
 def _missing_extra() -> str | None:
-    for module, what in (("jsonargparse", "jsonargparse[signatures]"), ("docstring_parser", "jsonargparse[signatures]")):
+    needed = (("jsonargparse", "jsonargparse[signatures]"), ("docstring_parser", "jsonargparse[signatures]"))
+    for module, what in needed:
         try:
             __import__(module)
         except ImportError:

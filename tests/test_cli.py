@@ -319,7 +319,8 @@ def test_bad_values_end_in_one_line(tmp_path, capsys, monkeypatch):
 def test_bad_value_from_the_console_script(tmp_path):
     out = _console(["fit", "--trainer.callbacks.alpha=-1"], tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == "lightning-clip: error: Invalid alpha: -1.0; expected a finite number > 0"
+    expected = "lightning-clip: error: Invalid alpha: -1.0; expected a finite number > 0"
+    assert out.stderr.strip().splitlines()[-1] == expected
     assert "Traceback" not in out.stderr
 
 
