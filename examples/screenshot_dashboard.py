@@ -357,15 +357,24 @@ class TensorBoard:
         self._log: Any = None
 
     def __enter__(self) -> TensorBoard:
-        self._log = tempfile.TemporaryFile()
-        cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", self.logdir, "--host", "127.0.0.1"]
-        cmd += ["--port", str(self.port), "--reload_interval", "1"]
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd)
-        try:
-            self.layout = self._wait_ready()
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+        for attempt in range(5):  # another process may take the free port between the check and the bind
+            self._log = tempfile.TemporaryFile()
+            cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", self.logdir, "--host", "127.0.0.1"]
+            cmd += ["--port", str(self.port), "--reload_interval", "1"]
+            self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd)
+            try:
+                self.layout = self._wait_ready()
+                return self
+            except RuntimeError:
+                taken = "could not bind" in self.log_tail()
+                self.__exit__(None, None, None)
+                if not taken or attempt == 4:
+                    raise
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def _wait_ready(self) -> dict[str, Any]:
