@@ -68,6 +68,8 @@ def worker(rank: int, world: int, out: str, mode: str = "ddp") -> None:
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(record, f)
     if world > 1:
+        del opt, model  # DDP's reducer and the optimizer hold the process group: release them first
+        dist.barrier()  # both ranks are done before either tears the group down
         dist.destroy_process_group()
 
 
