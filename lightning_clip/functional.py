@@ -313,23 +313,43 @@ def global_grad_norm(grads: Sequence[Tensor], *, foreach: bool | None = None) ->
         return None
     if any(is_dtensor(g) for g in grads):
         return _sharded_norm(grads, foreach=foreach)
-    grads = _real_views(grads)
+    return _plain_norm(_real_views(grads), foreach=foreach)
+
+
+def _squares(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """``||grad||^2`` of a real tensor as a 0-d tensor of ``dtype`` (see :func:`_squared_norm`)."""
+    if grad.dtype is dtype and grad.is_contiguous():
+        flat = grad.view(-1)
+        return torch.dot(flat, flat)
+    return torch.linalg.vector_norm(grad, 2, dtype=dtype).square()
+
+
+def _plain_norm(grads: list[Tensor], *, foreach: bool | None) -> Tensor:
+    """:func:`global_grad_norm` of plain real tensors (complex ones passed as their real views), non-empty.
+
+    The per-step path of the clipping on one device: one reduction per tensor and three small ops, no conversions
+    (the squares are produced in the accumulation dtype).
+    """
     if foreach is None:
         foreach = _default_foreach(grads)
     dtype = _acc_dtype(grads)
     first_device = grads[0].device
-    per_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:
-        per_device.setdefault(g.device, []).append(g)
+    if all(g.device == first_device for g in grads):
+        groups = [grads]
+    else:
+        per_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            per_device.setdefault(g.device, []).append(g)
+        groups = list(per_device.values())
     totals = []
-    for device_grads in per_device.values():
+    for group in groups:
         if foreach:
-            norms = _grad_norms(device_grads, foreach=True)
-            total = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2)
+            norms = torch._foreach_norm(group, 2, dtype=dtype)
+            total = torch.linalg.vector_norm(torch.stack(norms), 2)
         else:
             # reversed: the update loop then starts on the gradients still in cache
-            total = torch.sqrt(torch.stack([_squared_norm(g).to(dtype) for g in reversed(device_grads)]).sum())
-        totals.append(total.to(first_device))
+            total = torch.sqrt(torch.stack([_squares(g, dtype) for g in reversed(group)]).sum())
+        totals.append(total if total.device == first_device else total.to(first_device))
     if len(totals) == 1:
         return totals[0]
     return torch.linalg.vector_norm(torch.stack(totals), 2)
@@ -735,10 +755,10 @@ def clip_grads_(
         The step's :class:`ClipStats`.
     """
     originals = list(grads)
-    grads = _real_views(originals)  # complex entries as (Re, Im) pairs: same norm, and scaling by a real c is the same
-    norm = global_grad_norm(grads, foreach=foreach)
-    assert norm is not None, "clip_grads_ needs at least one gradient"
+    assert originals, "clip_grads_ needs at least one gradient"
     sharded = any(is_dtensor(g) for g in originals)
+    grads = _real_views(originals)  # complex entries as (Re, Im) pairs: same norm, and scaling by a real c is the same
+    norm = _sharded_norm(grads, foreach=foreach) if sharded else _plain_norm(grads, foreach=foreach)
     if sharded:  # the norm is the whole model's; the scale and the clamp apply to this rank's shards
         dtensors, originals, grads = grads, [local_tensor(g) for g in originals], [local_tensor(g) for g in grads]
     if grad_scale is not None:

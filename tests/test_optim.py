@@ -191,6 +191,36 @@ def test_smoothed_norm_matches_reference(name, group_specs, defaults, foreach):
     assert not torch.allclose(got[-1][0], init[0])
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize(
+    "kind,defaults",
+    [
+        ("sign", dict(lr=0.05, beta=0.8, weight_decay=0.3, bias_correction=True, maximize=True)),
+        ("norm", dict(lr=0.05, beta=0.8, weight_decay=0.3, bias_correction=True, maximize=True)),
+        ("norm", dict(lr=0.05, beta=0.7, norm="tensor")),
+    ],
+)
+def test_large_and_strided_parameters_match_reference(kind, defaults, foreach):
+    """A tensor larger than the for-loop kernels' chunk (cut into chunks, the last one short), a transposed
+    (non-contiguous) one and a small one, against the float64 reference."""
+    import lightning_clip.optim.smoothed as sm
+
+    steps = 4
+    shapes = [(sm._CHUNK // 500 + 7, 500), (6, 9), (3,)]
+    assert shapes[0][0] * shapes[0][1] > sm._CHUNK and (shapes[0][0] * shapes[0][1]) % sm._CHUNK
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(*s, generator=gen, dtype=F64) for s in shapes]
+    init[1] = init[1].t()  # (9, 6) with strides (1, 9)
+    assert not init[1].is_contiguous()
+    grad_fn = make_grad_fn([tuple(x.shape) for x in init], steps=steps)
+    specs = [{"n": len(init)}]
+    ref = reference_run(kind, full_groups(kind, specs, defaults, init), grad_fn, steps)
+    opt_cls = SmoothedSignSGD if kind == "sign" else SmoothedNormSGD
+    got = run_optimizer(opt_cls, specs, dict(defaults, foreach=foreach), grad_fn, steps, init)
+    assert_histories_close(got, ref)
+    assert not torch.allclose(got[-1][0], init[0])
+
+
 # --------------------------------------------------------------------------- #
 # kernel parity
 # --------------------------------------------------------------------------- #

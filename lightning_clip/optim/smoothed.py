@@ -89,6 +89,24 @@ def _check_kernel_args(params: List[Tensor], grads: List[Tensor], bufs: List[Ten
         )
 
 
+#: Entries per chunk of the for-loop kernels (1 MiB of float32): a chunk of ``param``, ``grad`` and ``buf`` stays
+#: in the cache through the whole update chain, so a tensor larger than the cache is read and written once.
+_CHUNK = 1 << 18
+
+
+def _chunks(*tensors: Tensor) -> Optional[List[Tuple[Tensor, ...]]]:
+    """Flat views of same-shaped tensors cut into aligned chunks of at most :data:`_CHUNK` entries (one chunk for a
+    smaller tensor); ``None`` when a tensor is not contiguous or their numbers of entries differ."""
+    if not all(t.is_contiguous() for t in tensors):
+        return None
+    flats = [t.view(-1) for t in tensors]
+    if any(f.numel() != flats[0].numel() for f in flats):
+        return None
+    if flats[0].numel() <= _CHUNK:
+        return [tuple(flats)]
+    return list(zip(*(f.split(_CHUNK) for f in flats)))
+
+
 # --------------------------------------------------------------------------- #
 # Smoothed SignSGD kernels
 # --------------------------------------------------------------------------- #
@@ -104,17 +122,41 @@ def _single_tensor_smoothed_sign(
     bias_correction: bool,
     maximize: bool,
 ) -> None:
-    """For-loop kernel: the whole update chain is applied to one tensor at a time."""
+    """For-loop kernel: the whole update chain is applied to one cache-sized chunk of one tensor at a time.
+
+    ``sign(g)`` goes into one scratch buffer of at most :data:`_CHUNK` entries, reused by every chunk of every
+    tensor: no temporary the size of a parameter is allocated (for a large embedding, that allocation costs more
+    than the update), and each chunk of ``param``, ``grad`` and ``buf`` travels to memory once.
+    """
     _check_kernel_args(params, grads, momentum_buffers, state_steps)
+    scratch: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
+    weight = 1.0 - beta
+    decay = 1.0 - lr * weight_decay
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
-        if weight_decay != 0.0:
-            param.mul_(1.0 - lr * weight_decay)
-        direction = _sign(grad)
-        if maximize:
-            direction.neg_()
-        # buf = beta * buf + (1 - beta) * sign(grad)
-        buf.lerp_(direction, 1.0 - beta)
-        param.add_(buf, alpha=-_bias_corrected_lr(lr, beta, step, bias_correction))
+        step_size = _bias_corrected_lr(lr, beta, step, bias_correction)
+        chunks = _chunks(param, grad, buf) if not grad.is_complex() and grad.dtype == buf.dtype else None
+        if chunks is None:  # complex or non-contiguous: one temporary the size of the tensor
+            if weight_decay != 0.0:
+                param.mul_(decay)
+            direction = _sign(grad)
+            if maximize:
+                direction.neg_()
+            # buf = beta * buf + (1 - beta) * sign(grad)
+            buf.lerp_(direction, weight)
+            param.add_(buf, alpha=-step_size)
+            continue
+        key = (grad.dtype, grad.device)
+        tmp = scratch.get(key)
+        if tmp is None or tmp.numel() < min(grad.numel(), _CHUNK):
+            tmp = scratch[key] = torch.empty(min(grad.numel(), _CHUNK), dtype=grad.dtype, device=grad.device)
+        for p, g, b in chunks:
+            if weight_decay != 0.0:
+                p.mul_(decay)
+            direction = torch.sign(g, out=tmp[: g.numel()])
+            if maximize:
+                direction.neg_()
+            b.lerp_(direction, weight)
+            p.add_(b, alpha=-step_size)
 
 
 def _apply_step_foreach(
@@ -248,16 +290,21 @@ def _single_tensor_smoothed_norm(
         coef_global = _global_coef(grads, global_norm, eps, signed)
     elif norm not in NORM_KINDS:
         raise ValueError(f"Invalid norm: {norm!r}; expected one of {NORM_KINDS}")
+    decay = 1.0 - lr * weight_decay
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
-        if weight_decay != 0.0:
-            param.mul_(1.0 - lr * weight_decay)
         if coef_global is not None:
             coef = coef_global if coef_global.device == grad.device else coef_global.to(grad.device)
         else:
             coef = _tensor_coef(grad, norm, eps, signed)
-        # buf = beta * buf + (1 - beta) * grad / max(||grad||, eps)
-        buf.mul_(beta).addcmul_(grad, coef)
-        param.add_(buf, alpha=-_bias_corrected_lr(lr, beta, step, bias_correction))
+        step_size = _bias_corrected_lr(lr, beta, step, bias_correction)
+        # the update is linear in (param, grad, buf) with real coefficients: complex tensors run as their real views
+        views = (real_view(param), real_view(grad), real_view(buf))
+        for p, g, b in _chunks(*views) or (views,):
+            if weight_decay != 0.0:
+                p.mul_(decay)
+            # buf = beta * buf + (1 - beta) * grad / max(||grad||, eps)
+            b.mul_(beta).addcmul_(g, coef)
+            p.add_(b, alpha=-step_size)
 
 
 def _multi_tensor_smoothed_norm(
