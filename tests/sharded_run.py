@@ -9,8 +9,11 @@ process. Everything one run of the test needs happens here, in one pair of proce
 * ``fsdp2``: FSDP2 (``fully_shard``) data parallel, dp=2, each rank half of every global batch;
 * ``tp``: tensor parallel, tp=2, two layers parallelised (colwise, rowwise) and two left as plain tensors;
 * ``fsdp2_resume``: the fsdp2 run resumed from its step-3 distributed checkpoint (the end of the first epoch);
-* ``fsdp2_bf16-mixed``, ``fsdp2_bf16-true``: the fsdp2 run under those precisions (bf16 autocast over float32
-  DTensor parameters; bf16 DTensor parameters and gradients).
+* ``fsdp2_bf16-mixed``, ``fsdp2_bf16-true``, ``fsdp2_16-true``: the fsdp2 run under those precisions (bf16
+  autocast over float32 DTensor parameters; bf16 or float16 DTensor parameters and gradients, float16 with SGD);
+* ``fsdp2_16-mixed``, ``fsdp2_64-true``: the fsdp2 run with a precision plugin instance, as Lightning refuses these
+  two ``precision=`` flags for ``ModelParallelStrategy``: ``MixedPrecision("16-mixed")`` with a real
+  ``GradScaler`` whose large initial scale makes the first float16 steps overflow, and ``DoublePrecision()``.
 
 Each writes ``OUT_DIR/{name}.rank{r}.json``: the float64 full-gradient norms before and after the callback at every
 step, the state, and the full weights at the end.
@@ -34,6 +37,8 @@ from tests.conftest import regression_loader  # noqa: E402
 from tests.lightning_ns import pl  # noqa: E402
 
 ALPHA, BETA, STEPS, LR = 1.05, 0.7, 6, 0.05
+#: the initial loss scale of the 16-mixed runs: the first steps' float16 gradients overflow
+INIT_SCALE = 2.0**15
 #: ``cpu`` (gloo) here; the GPU check (tests/gpu) sets ``cuda`` (NCCL, two GPUs)
 ACCELERATOR = os.environ.get("LIGHTNING_CLIP_ACCELERATOR", "cpu")
 
@@ -53,12 +58,13 @@ class Net(pl.LightningModule):
     ``"fsdp1"`` (layers 0-2 and the whole in FSDP1 units, ``use_orig_params=self.orig``) or ``"tp"`` (layers 1 and 2
     colwise / rowwise parallel over tp; layers 0 and 3 plain tensors)."""
 
-    def __init__(self, layout: str = "single", dp: int = 1) -> None:
+    def __init__(self, layout: str = "single", dp: int = 1, optimizer: str = "adam") -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16),
-                                 nn.Tanh(), nn.Linear(16, 1))
-        self.layout, self.dp = layout, dp
+        self.net = nn.Sequential(
+            nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1)
+        )
+        self.layout, self.dp, self.optimizer = layout, dp, optimizer
         self.orig = True  # FSDP1's use_orig_params
 
     def configure_model(self) -> None:
@@ -78,8 +84,9 @@ class Net(pl.LightningModule):
         elif self.layout == "tp":
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-            parallelize_module(self.net, self.device_mesh["tensor_parallel"], {"2": ColwiseParallel(),
-                                                                               "4": RowwiseParallel()})
+            parallelize_module(
+                self.net, self.device_mesh["tensor_parallel"], {"2": ColwiseParallel(), "4": RowwiseParallel()}
+            )
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -92,37 +99,79 @@ class Net(pl.LightningModule):
         return DataLoader(Subset(data, indices), batch_size=16 // self.dp, shuffle=False)
 
     def configure_optimizers(self):
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=LR)
         return torch.optim.Adam(self.parameters(), lr=LR)
 
 
 class Recorder(pl.Callback):
-    """Appends the float64 norm of the whole gradient (full tensors) to ``norms`` at ``on_before_optimizer_step``."""
+    """Appends the float64 norm of the whole gradient (full tensors) to ``norms`` at ``on_before_optimizer_step``;
+    ``kinds``: the gradients' types and dtypes seen there (``"DTensor torch.float16"``); ``scales``: under a
+    ``GradScaler``, its scale after each batch."""
 
     def __init__(self) -> None:
         self.norms: list[float] = []
+        self.kinds: set[str] = set()
+        self.scales: list[float] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.norms.append(full_norm64([p.grad for p in pl_module.parameters() if p.grad is not None]))
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.kinds |= {f"{type(g).__name__} {g.dtype}" for g in grads}
+        self.norms.append(full_norm64(grads))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            self.scales.append(float(scaler.get_scale()))
 
 
-def fit(layout: str, out: str | None, *, dp: int = 1, tp: int = 1, max_steps: int = STEPS, ckpt_dir: str | None = None,
-        ckpt_path: str | None = None, precision: str = "32-true") -> dict:
+def fit(
+    layout: str,
+    out: str | None,
+    *,
+    dp: int = 1,
+    tp: int = 1,
+    max_steps: int = STEPS,
+    ckpt_dir: str | None = None,
+    ckpt_path: str | None = None,
+    precision: str = "32-true",
+) -> dict:
     """One fit; returns (and with ``out`` writes, per rank) the record."""
     pre, post = Recorder(), Recorder()
     clip = AdaptiveGradientClipping(alpha=ALPHA, beta=BETA, histogram_every_n_steps=2)
     callbacks = [pre, clip, post]
     if ckpt_dir:
-        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1,
-                                                      filename="{step}"))
+        callbacks.append(
+            pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+        )
     if layout == "single":
         strategy, devices = "auto", 1
     else:
         strategy, devices = pl.strategies.ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp), 2
     accelerator = "cpu" if layout == "single" else ACCELERATOR
-    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
-                         enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=callbacks, use_distributed_sampler=False, log_every_n_steps=2, precision=precision)
-    model = Net(layout, dp)
+    if precision == "16-mixed":  # a real float16 GradScaler: Lightning's flag means bf16 on CPU (and is refused here)
+        scaler = torch.amp.GradScaler(accelerator, init_scale=INIT_SCALE)
+        precision_kwargs = {"plugins": [pl.plugins.precision.MixedPrecision("16-mixed", accelerator, scaler)]}
+    elif precision == "64-true" and layout != "single":  # ModelParallelStrategy refuses the flag, not the plugin
+        precision_kwargs = {"plugins": [pl.plugins.precision.DoublePrecision()]}
+    else:
+        precision_kwargs = {"precision": precision}
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=bool(ckpt_dir),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        log_every_n_steps=2,
+        **precision_kwargs,
+    )
+    # Adam in pure float16 underflows its eps and diverges whatever the clipping: SGD for 16-true
+    model = Net(layout, dp, optimizer="sgd" if precision == "16-true" else "adam")
     trainer.fit(model, ckpt_path=ckpt_path)
     state = clip.clip_state()
     record = {
@@ -131,6 +180,9 @@ def fit(layout: str, out: str | None, *, dp: int = 1, tp: int = 1, max_steps: in
         "post": post.norms,
         "ema": float(state.ema),
         "seen": int(state.seen),
+        "grads": sorted(pre.kinds),
+        "scales": pre.scales,
+        "precision_plugin": type(trainer.precision_plugin).__name__,
         "sparsity": clip.last_metrics.get("clip/update_sparsity"),
         "weights": [float(v) for p in model.parameters() for v in full(p).flatten()],
     }
@@ -152,15 +204,26 @@ def core(out: str) -> None:
     mesh = init_device_mesh(ACCELERATOR, (2,))
     mesh2 = init_device_mesh(ACCELERATOR, (1, 2), mesh_dim_names=("a", "b"))  # another mesh, 2-d
     gen = torch.Generator().manual_seed(1)
-    fulls = [torch.randn(6, 4, generator=gen), torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen),
-             torch.randn(3, 3, generator=gen), torch.randn(4, 2, generator=gen), torch.randn(3, 5, generator=gen)]
+    fulls = [
+        torch.randn(6, 4, generator=gen),
+        torch.randn(5, 3, generator=gen),
+        torch.randn(7, generator=gen),
+        torch.randn(3, 3, generator=gen),
+        torch.randn(4, 2, generator=gen),
+        torch.randn(3, 5, generator=gen),
+    ]
 
     def build():
         partial = distribute_tensor(fulls[5] / 2, mesh, [Replicate()])  # each rank holds half: a pending sum
         partial = type(partial).from_local(partial.to_local(), mesh, [Partial()], run_check=False)
-        return [distribute_tensor(fulls[0], mesh, [Shard(0)]), distribute_tensor(fulls[1], mesh, [Shard(1)]),
-                distribute_tensor(fulls[2], mesh, [Replicate()]), fulls[3].clone(),
-                distribute_tensor(fulls[4], mesh2, [Replicate(), Shard(0)]), partial]
+        return [
+            distribute_tensor(fulls[0], mesh, [Shard(0)]),
+            distribute_tensor(fulls[1], mesh, [Shard(1)]),
+            distribute_tensor(fulls[2], mesh, [Replicate()]),
+            fulls[3].clone(),
+            distribute_tensor(fulls[4], mesh2, [Replicate(), Shard(0)]),
+            partial,
+        ]
 
     ref = math.sqrt(sum(float((t.double() ** 2).sum()) for t in fulls))
     record = {"ref": ref, "ref_per": [float(t.double().norm()) for t in fulls]}
@@ -209,8 +272,13 @@ def core(out: str) -> None:
             params.append(p)
         names = {id(p): f"w{i}" for i, p in enumerate(params)}
         try:
-            clip_step_(params, ClipState.zeros(), ClipRule(), nonfinite="error" if case == "overflow" else case,
-                       names=lambda: names)
+            clip_step_(
+                params,
+                ClipState.zeros(),
+                ClipRule(),
+                nonfinite="error" if case == "overflow" else case,
+                names=lambda: names,
+            )
             record[f"policy_{case}"] = [p.grad is None for p in params]
         except RuntimeError as e:
             record[f"policy_{case}"] = str(e)
@@ -228,8 +296,9 @@ def main(out_dir: str) -> None:
         fit("fsdp2", os.path.join(out_dir, f"fsdp2_{precision}"), dp=2, precision=precision)
 
 
-#: the low precisions ModelParallelStrategy takes on CPU (it refuses 16-mixed and 64-true: Lightning's own check)
-PRECISIONS = ("bf16-mixed", "bf16-true")
+#: the precisions of the fsdp2 runs besides 32-true: the flags ModelParallelStrategy takes, then the two it refuses
+#: (Lightning's own check of the ``precision=`` flag), given as precision plugin instances
+PRECISIONS = ("bf16-mixed", "bf16-true", "16-true", "16-mixed", "64-true")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,13 @@ pytestmark = pytest.mark.skipif(
 def _run_two_processes(script: str, out, names: tuple[str, ...]) -> dict[str, list[dict]]:
     for _attempt in range(3):  # another process may grab the free port between the check and the bind
         base = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
-        env = {**base, "PL_DISABLE_FORK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-               "OMP_NUM_THREADS": "1"}
+        env = {
+            **base,
+            "PL_DISABLE_FORK": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "OMP_NUM_THREADS": "1",
+        }
         proc = subprocess.run([sys.executable, script, str(out)], capture_output=True, text=True, timeout=300, env=env)
         if "EADDRINUSE" not in proc.stderr:
             break
@@ -55,8 +60,9 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def fsdp1_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    return _run_two_processes(FSDP1_SCRIPT, tmp_path_factory.mktemp("fsdp1"),
-                              ("lightning_orig", "lightning_flat", "core"))
+    return _run_two_processes(
+        FSDP1_SCRIPT, tmp_path_factory.mktemp("fsdp1"), ("lightning_orig", "lightning_flat", "core")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,28 +128,94 @@ def test_sharded_fit_clips_the_whole_model_norm_like_one_process(runs, single, l
     assert a["sparsity"] == b["sparsity"] == pytest.approx(single["sparsity"], abs=0.02)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_fsdp2_low_precision_norm_accumulated_in_float32_like_one_process(runs, precision):
-    """FSDP2 under bf16-mixed (float32 gradients of a bf16-autocast forward) and bf16-true (bf16 DTensor gradients):
-    the callback's norm is the float64 norm of the gradients it saw to float32 rounding (a bf16 sum would be off by
-    ~1e-3), every rank agrees, and the run follows the one-process run of the same precision. That comparison is
-    loose: the two runs reduce the batch in a different order in bf16 (unit roundoff 2^-9 = 2e-3 per operation, a
-    few operations deep, compounded by 6 Adam steps), so 3e-2 relative, far below the steps' own spread."""
+@pytest.mark.parametrize(
+    ("precision", "grads", "post_rel", "one_rel"),
+    [
+        ("bf16-mixed", "DTensor torch.float32", 1e-5, 3e-2),
+        ("bf16-true", "DTensor torch.bfloat16", 4e-3, 3e-2),
+        ("16-true", "DTensor torch.float16", 1e-3, 5e-3),
+    ],
+)
+def test_fsdp2_low_precision_norm_accumulated_in_float32_like_one_process(runs, precision, grads, post_rel, one_rel):
+    """FSDP2 under bf16-mixed (float32 gradients of a bf16-autocast forward), bf16-true and 16-true (bf16 / float16
+    DTensor gradients; 16-true with SGD, as Adam in pure float16 diverges by itself): the callback's norm is the
+    float64 norm of the gradients it saw to float32 rounding (a bf16 or float16 sum would be off by ~1e-3, or
+    overflow), every rank agrees, and the run follows the one-process run of the same precision. That comparison is
+    loose: the two runs reduce the batch in a different order in low precision (unit roundoff 2^-9 = 2e-3 per
+    operation for bf16, 2^-11 = 5e-4 for float16, a few operations deep, compounded by 6 steps), far below the
+    steps' own spread."""
     from tests.sharded_run import ALPHA, BETA, fit
 
     a, b = ({k: v for k, v in r.items() if k != "rank"} for r in runs[f"fsdp2_{precision}"])
     assert a == b and a["seen"] == 6
+    assert a["grads"] == [grads]
     m = a["pre"][0]
     for n in a["pre"][1:]:
         m = BETA * m + (1 - BETA) * n
     assert a["ema"] == pytest.approx(m, rel=1e-5)  # the callback's norms are the float64 ones to float32 rounding
-    # bf16-true: the scaled entries are rounded back to bf16 (2^-9 relative each), so the post-clip norm is the
-    # threshold to that rounding only
-    assert a["post"] == pytest.approx(_rule(a["pre"], ALPHA, BETA), rel=1e-5 if precision == "bf16-mixed" else 4e-3)
+    # true half precision: the scaled entries are rounded back to bf16 / float16 (2^-9 / 2^-11 relative each), so
+    # the post-clip norm is the threshold to that rounding only
+    expected = _rule(a["pre"], ALPHA, BETA)
+    assert a["post"] == pytest.approx(expected, rel=post_rel)
+    assert any(p < n * 0.99 for p, n in zip(expected, a["pre"]))  # some steps clipped
     pl.seed_everything(0, verbose=False)
     one = fit("single", None, precision=precision)
-    assert a["pre"] == pytest.approx(one["pre"], rel=3e-2)
-    assert a["ema"] == pytest.approx(one["ema"], rel=3e-2)
+    assert one["grads"] == [grads.replace("DTensor", "Tensor")]
+    assert a["pre"] == pytest.approx(one["pre"], rel=one_rel)
+    assert a["ema"] == pytest.approx(one["ema"], rel=one_rel)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "64-true"])
+def test_model_parallel_strategy_refuses_the_16_mixed_and_64_true_flags(precision):
+    """Lightning's own check of the ``precision=`` flag, at the Trainer's construction (a precision plugin instance
+    passes it: see the next test)."""
+    strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    with pytest.raises(ValueError, match=rf"`ModelParallelStrategy` does not support .*precision='{precision}'"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, precision=precision, logger=False)
+
+
+def _finite_rule(pre: list[float], alpha: float, beta: float) -> list[float]:
+    """:func:`_rule` over the finite steps only (the others leave the average alone)."""
+    finite = [n for n in pre if math.isfinite(n)]
+    post = iter(_rule(finite, alpha, beta))
+    return [next(post) if math.isfinite(n) else n for n in pre]
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "64-true"])
+def test_fsdp2_16_mixed_and_64_true_through_precision_plugins(runs, precision):
+    """FSDP2 with ``MixedPrecision("16-mixed")`` and a real ``GradScaler`` (float16 autocast, float32 DTensor
+    gradients), or with ``DoublePrecision()`` (float64 DTensor gradients): the post-clip norm follows the rule
+    recomputed from the float64 full norms, every rank agrees, and the run follows the one-process run with the same
+    plugin. Under the scaler, the steps it skipped (float16 overflow, forced by a large initial scale: as many as it
+    halved its scale) keep their non-finite gradients for it and are not counted."""
+    from tests.sharded_run import ALPHA, BETA, INIT_SCALE, fit
+
+    a, b = ({k: v for k, v in r.items() if k != "rank"} for r in runs[f"fsdp2_{precision}"])
+    assert a == b
+    dtype = "float32" if precision == "16-mixed" else "float64"
+    assert a["grads"] == [f"DTensor torch.{dtype}"]
+    assert a["precision_plugin"] == ("MixedPrecision" if precision == "16-mixed" else "DoublePrecision")
+    if precision == "16-mixed":
+        skipped = [after < before for before, after in zip([INIT_SCALE, *a["scales"][:-1]], a["scales"])]
+        assert [not math.isfinite(n) for n in a["pre"]] == skipped and 1 <= sum(skipped) <= 3
+    finite = [n for n in a["pre"] if math.isfinite(n)]
+    assert a["seen"] == len(finite)
+    m = finite[0]
+    for n in finite[1:]:
+        m = BETA * m + (1 - BETA) * n
+    assert a["ema"] == pytest.approx(m, rel=1e-5)
+    expected = _finite_rule(a["pre"], ALPHA, BETA)
+    assert a["post"] == pytest.approx(expected, rel=1e-5, nan_ok=True)
+    assert any(p < n * 0.99 for p, n in zip(expected, a["pre"]))  # some steps clipped
+    pl.seed_everything(0, verbose=False)
+    one = fit("single", None, precision=precision)
+    assert one["precision_plugin"] == a["precision_plugin"]
+    # float16 autocast of half batches against whole ones: float16 rounding (2^-11) a few operations deep
+    rel = 1e-3 if precision == "16-mixed" else 1e-6
+    assert [math.isfinite(n) for n in one["pre"]] == [math.isfinite(n) for n in a["pre"]]
+    assert a["pre"] == pytest.approx(one["pre"], rel=rel, nan_ok=True)
+    assert a["post"] == pytest.approx(one["post"], rel=rel, nan_ok=True)
+    assert a["ema"] == pytest.approx(one["ema"], rel=rel)
 
 
 def test_resume_from_a_sharded_checkpoint_is_exact(runs):
