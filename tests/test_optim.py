@@ -886,3 +886,26 @@ def test_fused_kernel_matches_the_loop_in_float64(cls, kwargs):
 def test_fused_and_foreach_together_are_refused():
     with pytest.raises(ValueError, match="fused=True and foreach=True"):
         SmoothedSignSGD([torch.nn.Parameter(torch.zeros(2))], fused=True, foreach=True)
+
+
+@pytest.mark.parametrize("cls", [SmoothedSignSGD, SmoothedNormSGD], ids=["sign", "norm"])
+def test_fused_kernel_with_per_tensor_step_sizes_matches_the_loop(cls):
+    """With ``bias_correction``, a parameter that receives its first gradient later has its own step count, so the
+    step sizes differ per tensor (the compiled kernel then takes them as a list); per-tensor norms as well."""
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(4, 3), (6,), (3,)]]
+    loop = [torch.nn.Parameter(t.clone()) for t in init]
+    fused = [torch.nn.Parameter(t.clone()) for t in init]
+    kwargs = {"lr": 0.1, "beta": 0.8, "bias_correction": True}
+    if cls is SmoothedNormSGD:
+        kwargs["norm"] = "tensor"
+    opt_loop, opt_fused = cls(loop, foreach=False, **kwargs), cls(fused, fused=True, **kwargs)
+    for step in range(8):
+        for i, (a, b) in enumerate(zip(loop, fused)):
+            g = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+            a.grad, b.grad = (None, None) if i == 2 and step < 3 else (g.clone(), g.clone())
+        opt_loop.step()
+        opt_fused.step()
+        for a, b in zip(loop, fused):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert opt_fused.state[fused[0]]["step"] == 8 and opt_fused.state[fused[2]]["step"] == 5

@@ -134,21 +134,23 @@ def _single_tensor_smoothed_sign(
     decay = 1.0 - lr * weight_decay
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
         step_size = _bias_corrected_lr(lr, beta, step, bias_correction)
-        chunks = _chunks(param, grad, buf) if not grad.is_complex() and grad.dtype == buf.dtype else None
-        if chunks is None:  # complex or non-contiguous: one temporary the size of the tensor
+        n = grad.numel()
+        real = not grad.is_complex() and grad.dtype == buf.dtype
+        chunks = _chunks(param, grad, buf) if real and n > _CHUNK else None
+        if chunks is None:  # the tensors as they are
             if weight_decay != 0.0:
                 param.mul_(decay)
-            direction = _sign(grad)
+            if real and n <= _CHUNK:
+                direction = torch.sign(grad, out=_scratch(scratch, grad, n)[:n].view(grad.shape))
+            else:  # complex, or large and not contiguous: a temporary the size of the tensor
+                direction = _sign(grad)
             if maximize:
                 direction.neg_()
             # buf = beta * buf + (1 - beta) * sign(grad)
             buf.lerp_(direction, weight)
             param.add_(buf, alpha=-step_size)
             continue
-        key = (grad.dtype, grad.device)
-        tmp = scratch.get(key)
-        if tmp is None or tmp.numel() < min(grad.numel(), _CHUNK):
-            tmp = scratch[key] = torch.empty(min(grad.numel(), _CHUNK), dtype=grad.dtype, device=grad.device)
+        tmp = _scratch(scratch, grad, _CHUNK)
         for p, g, b in chunks:
             if weight_decay != 0.0:
                 p.mul_(decay)
@@ -157,6 +159,17 @@ def _single_tensor_smoothed_sign(
                 direction.neg_()
             b.lerp_(direction, weight)
             p.add_(b, alpha=-step_size)
+
+
+def _scratch(cache: Dict[Tuple[torch.dtype, torch.device], Tensor], like: Tensor, size: int) -> Tensor:
+    """A flat buffer of at least ``size`` entries of ``like``'s dtype and device, shared by every tensor of one
+    kernel call (grown as needed, at most :data:`_CHUNK` entries)."""
+    key = (like.dtype, like.device)
+    tmp = cache.get(key)
+    if tmp is None or tmp.numel() < size:
+        grown = size if tmp is None else min(max(size, 2 * tmp.numel()), _CHUNK)
+        tmp = cache[key] = torch.empty(max(grown, size), dtype=like.dtype, device=like.device)
+    return tmp
 
 
 def _apply_step_foreach(
@@ -298,8 +311,8 @@ def _single_tensor_smoothed_norm(
             coef = _tensor_coef(grad, norm, eps, signed)
         step_size = _bias_corrected_lr(lr, beta, step, bias_correction)
         # the update is linear in (param, grad, buf) with real coefficients: complex tensors run as their real views
-        views = (real_view(param), real_view(grad), real_view(buf))
-        for p, g, b in _chunks(*views) or (views,):
+        chunks = _chunks(real_view(param), real_view(grad), real_view(buf)) if grad.numel() > _CHUNK else None
+        for p, g, b in chunks or ((param, grad, buf),):
             if weight_decay != 0.0:
                 p.mul_(decay)
             # buf = beta * buf + (1 - beta) * grad / max(||grad||, eps)
@@ -397,38 +410,44 @@ def smoothed_norm_sgd(
 # --------------------------------------------------------------------------- #
 # fused (torch.compile) kernels: the whole chain of one tensor in one loop
 # --------------------------------------------------------------------------- #
+def _one(values: Any, i: int) -> Tensor:
+    """``values[i]`` for a list of per-tensor values, ``values`` itself for one value shared by every tensor (a
+    single 0-d tensor: fewer graph inputs, so fewer guards to check on each call)."""
+    return values[i] if isinstance(values, list) else values
+
+
 def _sign_body(
     params: List[Tensor],
     grads: List[Tensor],
     bufs: List[Tensor],
-    step_sizes: List[Tensor],
+    step_sizes: Any,
     decay: Tensor,
     one_minus_beta: float,
     direction: float,
     apply_decay: bool,
 ) -> None:
-    for param, grad, buf, step_size in zip(params, grads, bufs, step_sizes):
+    for i, (param, grad, buf) in enumerate(zip(params, grads, bufs)):
         if apply_decay:
             param.mul_(decay)
         buf.lerp_(torch.sign(grad) * direction, one_minus_beta)  # real tensors only (complex: the loop kernel)
-        param.sub_(buf * step_size)
+        param.sub_(buf * _one(step_sizes, i))
 
 
 def _norm_body(
     params: List[Tensor],
     grads: List[Tensor],
     bufs: List[Tensor],
-    coefs: List[Tensor],
-    step_sizes: List[Tensor],
+    coefs: Any,
+    step_sizes: Any,
     decay: Tensor,
     beta: float,
     apply_decay: bool,
 ) -> None:
-    for param, grad, buf, coef, step_size in zip(params, grads, bufs, coefs, step_sizes):
+    for i, (param, grad, buf) in enumerate(zip(params, grads, bufs)):
         if apply_decay:
             param.mul_(decay)
-        buf.mul_(beta).add_(grad * coef)
-        param.sub_(buf * step_size)
+        buf.mul_(beta).add_(grad * _one(coefs, i))
+        param.sub_(buf * _one(step_sizes, i))
 
 
 _COMPILED: Dict[str, Callable[..., None]] = {}
@@ -454,6 +473,12 @@ def _step_size_tensors(
             cache[key] = torch.tensor(value, dtype=param.dtype, device=param.device)
         out.append(cache[key])
     return out
+
+
+def _shared(values: List[Tensor]) -> Any:
+    """The one tensor of ``values`` when every entry is that same tensor (the common case: one step size, one global
+    coefficient), else the list."""
+    return values[0] if all(v is values[0] for v in values) else values
 
 
 def _fused_smoothed_sign(
@@ -494,7 +519,14 @@ def _fused_smoothed_sign(
     step_sizes = _step_size_tensors(params, state_steps, lr, beta, bias_correction)
     decay = torch.tensor(1.0 - lr * weight_decay, dtype=params[0].dtype, device=params[0].device)
     _compiled("sign", _sign_body)(
-        params, grads, momentum_buffers, step_sizes, decay, 1.0 - beta, -1.0 if maximize else 1.0, weight_decay != 0.0
+        params,
+        grads,
+        momentum_buffers,
+        _shared(step_sizes),
+        decay,
+        1.0 - beta,
+        -1.0 if maximize else 1.0,
+        weight_decay != 0.0,
     )
 
 
@@ -520,7 +552,7 @@ def _fused_smoothed_norm(
     signed = -(1.0 - beta) if maximize else (1.0 - beta)
     if norm == "global":
         coef = _global_coef(grads, global_norm, eps, signed)
-        coefs = [coef.to(g.device) for g in grads]
+        coefs = [coef if coef.device == g.device else coef.to(g.device) for g in grads]
     elif norm in NORM_KINDS:
         coefs = [_tensor_coef(grad, norm, eps, signed) for grad in grads]
     else:
@@ -529,7 +561,9 @@ def _fused_smoothed_norm(
     params, grads, momentum_buffers = ([real_view(t) for t in ts] for ts in (params, grads, momentum_buffers))
     step_sizes = _step_size_tensors(params, state_steps, lr, beta, bias_correction)
     decay = torch.tensor(1.0 - lr * weight_decay, dtype=params[0].dtype, device=params[0].device)
-    _compiled("norm", _norm_body)(params, grads, momentum_buffers, coefs, step_sizes, decay, beta, weight_decay != 0.0)
+    _compiled("norm", _norm_body)(
+        params, grads, momentum_buffers, _shared(coefs), _shared(step_sizes), decay, beta, weight_decay != 0.0
+    )
 
 
 def _pick(foreach: Optional[bool], fused: bool, params: List[Tensor]) -> str:
