@@ -41,7 +41,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from lightning_clip.functional import ClipRule, ClipState, clip_grads_, cpu_fast_path, global_grad_norm
+from lightning_clip.functional import (
+    ClipRule,
+    ClipState,
+    clip_grads_,
+    cpu_fast_path,
+    global_grad_norm,
+    scale_grads_,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("clipping", "optimizers", "step", "wrapper")
@@ -105,11 +112,12 @@ class _Holder(nn.Module):
         self.ps = nn.ParameterList(params)
 
 
-def bench_clipping(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner: int) -> dict[str, dict]:
+def bench_clipping(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner: int, fused: bool) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for set_name, shapes in sets.items():
         params = make_params(shapes)
         grads = [p.grad for p in params]
+        one = torch.ones((), dtype=torch.float32)
         norm0 = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
         rule = ClipRule()  # alpha 3.8, beta 0.918
         steady = {fast: ClipState.zeros() for fast in (True, False)}
@@ -119,10 +127,16 @@ def bench_clipping(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner: i
         spike = {fast: ClipState.zeros() for fast in (True, False)}
         target = {"t": norm0, "torch": norm0}
 
-        def ours_steady(fast: bool) -> Callable[[], object]:
+        steady["fused"] = ClipState.zeros()
+        steady["fused"].ema.fill_(norm0)
+        steady["fused"].seen.fill_(100)
+
+        def ours_steady(fast: bool, fused: bool = False) -> Callable[[], object]:
+            state = steady["fused" if fused else fast]
+
             def run() -> object:
                 with cpu_fast_path(fast):
-                    return clip_grads_(grads, steady[fast], rule)
+                    return clip_grads_(grads, state, rule, fused=fused)
 
             return run
 
@@ -152,9 +166,17 @@ def bench_clipping(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner: i
             "torch clip_grad_norm_(foreach=True), clipping": torch_spike,
             "ours spike (CPU fast path)": ours_spike(True),
             "ours spike (sync-free path)": ours_spike(False),
-            # where the time goes: the one pass over the gradients that no clipping can skip
+            # where the time goes: the one pass over the gradients that no clipping can skip, and the two passes of
+            # the sync-free path (the multiplication, then the mask that makes a non-finite step's entries 0)
             "norm pass alone (global_grad_norm, read back)": lambda: global_grad_norm(grads).item(),
+            "scale pass alone (sync-free, no mask)": lambda: scale_grads_(grads, one, zero_nonfinite=False),
+            "scale and mask passes (sync-free)": lambda: scale_grads_(grads, one, zero_nonfinite=True),
         }
+        if fused:  # compiled on first use (tens of seconds on CPU): one pass for the multiplication and the mask
+            start = time.perf_counter()
+            ours_steady(False, fused=True)()
+            print(f"  [{set_name}] compiled the fused scaling in {time.perf_counter() - start:.1f} s", flush=True)
+            fns["ours steady (sync-free path, fused=True)"] = ours_steady(False, fused=True)
         model = _Holder(params)
         with contextlib.suppress(ImportError):
             from zclip import ZClip
@@ -362,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     start = time.perf_counter()
     if "clipping" in parts:
-        results["clipping"] = bench_clipping(sets, rounds=2 if quick else 15, inner=1 if quick else 3)
+        results["clipping"] = bench_clipping(sets, rounds=2 if quick else 15, inner=1 if quick else 3, fused=not quick)
     if "optimizers" in parts:
         results["optimizers"] = bench_optimizers(sets, rounds=2 if quick else 11, inner=1 if quick else 2,
                                                  fused=not quick)
