@@ -76,11 +76,14 @@ class Net(pl.LightningModule):
                 fully_shard(layer, mesh=mesh)
             fully_shard(self.net, mesh=mesh)
         elif self.layout == "fsdp1":  # FSDP1 wrapped here (Lightning's FSDPStrategy then wraps nothing itself)
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp.wrap import wrap
 
+            # Lightning's manual wrapping: inside configure_model, ``wrap`` takes the strategy's settings (sharding
+            # strategy, its precision plugin's mixed precision, CPU offload); ``device_id`` is given here, as
+            # Lightning passes ``None`` on CPU, which torch's FSDP refuses
             for i in (0, 2, 4):
-                self.net[i] = FSDP(self.net[i], device_id=self.device, use_orig_params=self.orig)
-            self.net = FSDP(self.net, device_id=self.device, use_orig_params=self.orig)
+                self.net[i] = wrap(self.net[i], device_id=self.device, use_orig_params=self.orig)
+            self.net = wrap(self.net, device_id=self.device, use_orig_params=self.orig)
         elif self.layout == "tp":
             from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 

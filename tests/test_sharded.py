@@ -60,17 +60,31 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def fsdp1_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    return _run_two_processes(
-        FSDP1_SCRIPT, tmp_path_factory.mktemp("fsdp1"), ("lightning_orig", "lightning_flat", "core")
-    )
+    from tests.fsdp1_run import PRECISIONS
+
+    names = ("lightning_orig", "lightning_flat", "core", *(f"lightning_{p}" for p in PRECISIONS), "lightning_offload")
+    return _run_two_processes(FSDP1_SCRIPT, tmp_path_factory.mktemp("fsdp1"), names)
 
 
 @pytest.fixture(scope="module")
-def single() -> dict:
+def one_process():
+    """The one-process run of the sharded_run model at a precision (each run once per module)."""
     from tests import sharded_run
 
-    pl.seed_everything(0, verbose=False)
-    return sharded_run.fit("single", None)
+    cache: dict[str, dict] = {}
+
+    def run(precision: str = "32-true") -> dict:
+        if precision not in cache:
+            pl.seed_everything(0, verbose=False)
+            cache[precision] = sharded_run.fit("single", None, precision=precision)
+        return cache[precision]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def single(one_process) -> dict:
+    return one_process()
 
 
 def _rule(pre: list[float], alpha: float, beta: float) -> list[float]:
@@ -136,7 +150,9 @@ def test_sharded_fit_clips_the_whole_model_norm_like_one_process(runs, single, l
         ("16-true", "DTensor torch.float16", 1e-3, 5e-3),
     ],
 )
-def test_fsdp2_low_precision_norm_accumulated_in_float32_like_one_process(runs, precision, grads, post_rel, one_rel):
+def test_fsdp2_low_precision_norm_accumulated_in_float32_like_one_process(
+    runs, one_process, precision, grads, post_rel, one_rel
+):
     """FSDP2 under bf16-mixed (float32 gradients of a bf16-autocast forward), bf16-true and 16-true (bf16 / float16
     DTensor gradients; 16-true with SGD, as Adam in pure float16 diverges by itself): the callback's norm is the
     float64 norm of the gradients it saw to float32 rounding (a bf16 or float16 sum would be off by ~1e-3, or
@@ -144,7 +160,7 @@ def test_fsdp2_low_precision_norm_accumulated_in_float32_like_one_process(runs, 
     loose: the two runs reduce the batch in a different order in low precision (unit roundoff 2^-9 = 2e-3 per
     operation for bf16, 2^-11 = 5e-4 for float16, a few operations deep, compounded by 6 steps), far below the
     steps' own spread."""
-    from tests.sharded_run import ALPHA, BETA, fit
+    from tests.sharded_run import ALPHA, BETA
 
     a, b = ({k: v for k, v in r.items() if k != "rank"} for r in runs[f"fsdp2_{precision}"])
     assert a == b and a["seen"] == 6
@@ -158,8 +174,7 @@ def test_fsdp2_low_precision_norm_accumulated_in_float32_like_one_process(runs, 
     expected = _rule(a["pre"], ALPHA, BETA)
     assert a["post"] == pytest.approx(expected, rel=post_rel)
     assert any(p < n * 0.99 for p, n in zip(expected, a["pre"]))  # some steps clipped
-    pl.seed_everything(0, verbose=False)
-    one = fit("single", None, precision=precision)
+    one = one_process(precision)
     assert one["grads"] == [grads.replace("DTensor", "Tensor")]
     assert a["pre"] == pytest.approx(one["pre"], rel=one_rel)
     assert a["ema"] == pytest.approx(one["ema"], rel=one_rel)
@@ -182,13 +197,13 @@ def _finite_rule(pre: list[float], alpha: float, beta: float) -> list[float]:
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "64-true"])
-def test_fsdp2_16_mixed_and_64_true_through_precision_plugins(runs, precision):
+def test_fsdp2_16_mixed_and_64_true_through_precision_plugins(runs, one_process, precision):
     """FSDP2 with ``MixedPrecision("16-mixed")`` and a real ``GradScaler`` (float16 autocast, float32 DTensor
     gradients), or with ``DoublePrecision()`` (float64 DTensor gradients): the post-clip norm follows the rule
     recomputed from the float64 full norms, every rank agrees, and the run follows the one-process run with the same
     plugin. Under the scaler, the steps it skipped (float16 overflow, forced by a large initial scale: as many as it
     halved its scale) keep their non-finite gradients for it and are not counted."""
-    from tests.sharded_run import ALPHA, BETA, INIT_SCALE, fit
+    from tests.sharded_run import ALPHA, BETA, INIT_SCALE
 
     a, b = ({k: v for k, v in r.items() if k != "rank"} for r in runs[f"fsdp2_{precision}"])
     assert a == b
@@ -207,8 +222,7 @@ def test_fsdp2_16_mixed_and_64_true_through_precision_plugins(runs, precision):
     expected = _finite_rule(a["pre"], ALPHA, BETA)
     assert a["post"] == pytest.approx(expected, rel=1e-5, nan_ok=True)
     assert any(p < n * 0.99 for p, n in zip(expected, a["pre"]))  # some steps clipped
-    pl.seed_everything(0, verbose=False)
-    one = fit("single", None, precision=precision)
+    one = one_process(precision)
     assert one["precision_plugin"] == a["precision_plugin"]
     # float16 autocast of half batches against whole ones: float16 rounding (2^-11) a few operations deep
     rel = 1e-3 if precision == "16-mixed" else 1e-6
@@ -268,9 +282,127 @@ def test_fsdp1_strategy_fit_clips_the_whole_model_norm_like_one_process(fsdp1_ru
     a, b = fsdp1_runs["lightning_orig" if orig else "lightning_flat"]
     assert a == b and a["seen"] == 6  # every rank: the same norms and state
     assert a["post"] == pytest.approx(_rule(a["pre"], ALPHA, BETA), rel=1e-5)  # pre and post: torch's clip_grad_norm_
+    assert a["pre"] == pytest.approx(a["ref"], rel=1e-6)  # torch's norm is the float64 norm of the whole gradient
     assert any(p < n * 0.99 for p, n in zip(a["post"], a["pre"]))
     assert a["pre"] == pytest.approx(single["pre"], rel=1e-5)
     assert a["post"] == pytest.approx(single["post"], rel=1e-5)
+    assert a["ema"] == pytest.approx(single["ema"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("precision", "one_rel"), [("bf16-mixed", 3e-2), ("16-mixed", 1e-3), ("bf16-true", 3e-2), ("16-true", 5e-3)]
+)
+def test_fsdp1_strategy_precisions_norm_is_torchs_and_float64_like_one_process(
+    fsdp1_runs, one_process, precision, one_rel
+):
+    """Lightning's FSDPStrategy under each precision its ``FSDPPrecision`` takes, with FSDP's own mixed precision
+    as the plugin configures it (bf16 / float16 reduction, and parameters: Lightning versions differ on which, and on
+    whether the true precisions convert the sharded parameters; on CPU the plugin's autocast is CUDA's, so FSDP's
+    dtypes make the precision), 16-mixed with a CPU ``ShardedGradScaler``, 16-true with SGD: the callback's average
+    is the float64 norm of the whole gradient (local shards summed over the ranks) to float32 rounding; torch's
+    ``clip_grad_norm_`` gives that norm (returned in the gradients' dtype: rounded for bf16 / float16) and, after the
+    callback, the threshold; every rank agrees; the run follows the one-process run of the same precision. Under
+    the scaler, the steps it skipped (float16 overflow: as many as it halved its scale) are not counted."""
+    import warnings
+
+    from torch import nn
+
+    from tests.sharded_run import ALPHA, BETA, INIT_SCALE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 16-mixed: Lightning's scaler is a CUDA one, disabled here
+        plugin = pl.plugins.precision.FSDPPrecision(precision)
+    grads = str(plugin.convert_module(nn.Linear(1, 1)).weight.dtype)
+    # torch returns its norm in the gradients' dtype, and the clipped entries are rounded back to it
+    torch_rel, post_rel = {
+        "torch.float32": (1e-6, 1e-5),
+        "torch.bfloat16": (4e-3, 8e-3),
+        "torch.float16": (1e-3, 2e-3),
+    }[grads]
+    a, b = fsdp1_runs[f"lightning_{precision}"]
+    assert a == b
+    assert a["grads"] == [grads] and a["mixed_precision"] == str(plugin.mixed_precision_config.param_dtype)
+    assert a["reduce_dtype"] == str(plugin.mixed_precision_config.reduce_dtype) != "torch.float32"
+    finite = [math.isfinite(n) for n in a["ref"]]
+    if precision == "16-mixed":
+        skipped = [after < before for before, after in zip([INIT_SCALE, *a["scales"][:-1]], a["scales"])]
+        assert [not f for f in finite] == skipped and 1 <= sum(skipped) <= 3
+    else:
+        assert all(finite)
+    ref = [n for n in a["ref"] if math.isfinite(n)]
+    assert a["seen"] == len(ref)
+    m = ref[0]
+    for n in ref[1:]:
+        m = BETA * m + (1 - BETA) * n
+    assert a["ema"] == pytest.approx(m, rel=1e-5)  # accumulated in float32 at least, whatever the gradients' dtype
+    kept = [i for i, f in enumerate(finite) if f]
+    assert [a["pre"][i] for i in kept] == pytest.approx(ref, rel=torch_rel)
+    expected = [e for e, f in zip(_finite_rule(a["ref"], ALPHA, BETA), finite) if f]
+    assert [a["post"][i] for i in kept] == pytest.approx(expected, rel=post_rel)
+    assert any(e < n * 0.99 for e, n in zip(expected, ref))  # some steps clipped
+    one = one_process(precision)
+    assert [math.isfinite(n) for n in one["pre"]] == finite
+    assert a["ref"] == pytest.approx(one["pre"], rel=one_rel)
+    assert a["ema"] == pytest.approx(one["ema"], rel=one_rel)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"precision": "64-true"}, ValueError, r"^`precision='64-true'\)` is not supported in FSDP"),
+        (
+            {"plugins": "DoublePrecision"},
+            TypeError,
+            r"^The FSDP strategy can only work with the `FSDPPrecision` plugin",
+        ),
+    ],
+    ids=["flag", "plugin"],
+)
+def test_fsdp1_strategy_refuses_64_true(kwargs, error, message):
+    """Lightning's own checks, at the Trainer's construction: ``FSDPPrecision`` has no 64-true, and
+    ``FSDPStrategy`` takes no other precision plugin."""
+    from tests.fsdp1_run import CPUFSDPStrategy
+
+    if "plugins" in kwargs:
+        kwargs = {"plugins": [pl.plugins.precision.DoublePrecision()]}
+    with pytest.raises(error, match=message):
+        pl.Trainer(accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(), logger=False, **kwargs)
+
+
+def test_fsdp1_strategy_16_mixed_flag_makes_a_cuda_scaler():
+    """``precision="16-mixed"``: Lightning's ``FSDPPrecision`` makes a CUDA ``ShardedGradScaler``, disabled without
+    CUDA (the fit then runs without loss scaling), and refuses a ``scaler`` argument (its check reads the class's
+    default precision before setting its own): the runs above set a CPU scaler on the plugin instead."""
+    import torch
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    plugin = pl.plugins.precision.FSDPPrecision("16-mixed")
+    assert isinstance(plugin.scaler, ShardedGradScaler) and plugin.scaler._device == "cuda"
+    assert plugin.scaler.is_enabled() == torch.cuda.is_available()
+    with pytest.raises(ValueError, match=r"^`precision='16-mixed'` does not use a scaler, found "):
+        pl.plugins.precision.FSDPPrecision("16-mixed", scaler=ShardedGradScaler(device="cpu"))
+
+
+def test_fsdp1_strategy_cpu_offload(fsdp1_runs, single):
+    """``FSDPStrategy(cpu_offload=True)`` (``CPUOffload(offload_params=True)``): where an accelerator exists, the
+    same checks as without; on a machine without one torch's FSDP refuses it at the first forward, pinning the
+    offloaded shards' memory (``RuntimeError: Cannot access accelerator device when none is available.``; torch 2.6:
+    ``CPU device type not an accelerator.``)."""
+    import torch
+
+    from tests.sharded_run import ALPHA, BETA
+
+    a, b = fsdp1_runs["lightning_offload"]
+    assert a == b
+    if "error" in a:
+        assert not torch.cuda.is_available()
+        assert a["error"].startswith("RuntimeError: ") and "accelerator" in a["error"]
+        assert a["function"] == "init_flat_param_attributes" and ".pin_memory(" in a["line"]
+        return
+    assert a["offload"] and a["seen"] == 6
+    assert a["pre"] == pytest.approx(a["ref"], rel=1e-6)
+    assert a["post"] == pytest.approx(_rule(a["pre"], ALPHA, BETA), rel=1e-5)
+    assert a["pre"] == pytest.approx(single["pre"], rel=1e-5)
     assert a["ema"] == pytest.approx(single["ema"], rel=1e-5)
 
 
