@@ -149,6 +149,7 @@ def test_sharded_fit_clips_the_whole_model_norm_like_one_process(runs, single, l
         ("bf16-true", "DTensor torch.bfloat16", 4e-3, 3e-2),
         ("16-true", "DTensor torch.float16", 1e-3, 5e-3),
     ],
+    ids=["bf16-mixed", "bf16-true", "16-true"],
 )
 def test_fsdp2_low_precision_norm_accumulated_in_float32_like_one_process(
     runs, one_process, precision, grads, post_rel, one_rel
@@ -290,7 +291,9 @@ def test_fsdp1_strategy_fit_clips_the_whole_model_norm_like_one_process(fsdp1_ru
 
 
 @pytest.mark.parametrize(
-    ("precision", "one_rel"), [("bf16-mixed", 3e-2), ("16-mixed", 1e-3), ("bf16-true", 3e-2), ("16-true", 5e-3)]
+    ("precision", "one_rel"),
+    [("bf16-mixed", 3e-2), ("16-mixed", 1e-3), ("bf16-true", 3e-2), ("16-true", 5e-3)],
+    ids=["bf16-mixed", "16-mixed", "bf16-true", "16-true"],
 )
 def test_fsdp1_strategy_precisions_norm_is_torchs_and_float64_like_one_process(
     fsdp1_runs, one_process, precision, one_rel
