@@ -162,9 +162,13 @@ def strategy_model(trainer: Any) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------------ precision
 def grad_scaler(trainer: Any) -> torch.amp.GradScaler | None:
-    """The ``GradScaler`` of the Trainer's precision plugin (``16-mixed``), or ``None``."""
+    """The enabled ``GradScaler`` of the Trainer's precision plugin (``16-mixed``), or ``None``.
+
+    A disabled scaler (``GradScaler(enabled=False)``, or the CUDA one Lightning makes for ``FSDPStrategy`` on a
+    machine without CUDA) neither scales nor skips a step: the gradients are then treated as having no scaler, so
+    the callback's own non-finite policy applies."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler if isinstance(scaler, torch.amp.GradScaler) else None
+    return scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
 
 
 def optimizer_handles_unscaling(optimizer: Any) -> bool:

@@ -76,3 +76,21 @@ def test_half_precision_norm_neither_overflows_nor_loses_small_terms():
     assert not torch.isfinite((big * big).sum())  # what a float16 accumulation would give
     bf = torch.full((4096,), 1e-3, dtype=torch.bfloat16)
     assert float(global_grad_norm([bf])) == pytest.approx(math.sqrt(4096 * float(bf[0].double()) ** 2), rel=1e-4)
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["scaler_enabled", "scaler_disabled"])
+def test_a_nan_step_never_reaches_the_optimizer_with_an_enabled_or_a_disabled_scaler(enabled, tmp_path):
+    """An enabled ``GradScaler`` skips the non-finite step itself; a disabled one (``enabled=use_amp``, or the CUDA
+    scaler Lightning makes without CUDA) skips nothing, so the callback's own policy (``zero``) must apply: in both
+    cases the weights stay finite and the step is counted as non-finite."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyRegressor(lr=0.05, optimizer="sgd")
+    model.poison_steps = {2}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, enabled=enabled)
+    plugin = pl.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler)
+    cb = AdaptiveGradientClipping()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=4, plugins=[plugin], callbacks=[cb])).fit(
+        model, regression_loader()
+    )
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert int(cb.clip_state().seen) == 3  # the nan step entered neither the average nor its count
