@@ -22,7 +22,7 @@ Every variant is timed in interleaved rounds (each round times every variant onc
 of the machine hits all alike); the table gives medians over the rounds, and the ratio's spread is the range of the
 per-round ratios. Writes ``benchmarks/out/<name>.json`` (git-ignored) and ``benchmarks/results.md``.
 
-Run: ``python benchmarks/bench_all.py`` (about 8 minutes on 2 CPU cores), ``--quick`` for a smoke run (seconds).
+Run: ``python benchmarks/bench_all.py`` (about 3 minutes on 2 CPU cores), ``--quick`` for a smoke run (seconds).
 """
 
 from __future__ import annotations
