@@ -142,10 +142,7 @@ def _squared_norm(grad: Tensor) -> Tensor:
     ``vector_norm``); other dtypes are upcast to float32 by ``vector_norm``.
     """
     grad = real_view(grad)
-    if grad.dtype in (torch.float32, torch.float64) and grad.is_contiguous():
-        flat = grad.view(-1)
-        return torch.dot(flat, flat)
-    return torch.linalg.vector_norm(grad, 2, dtype=_acc_dtype([grad])).square()
+    return _squares(grad, _acc_dtype([grad]))
 
 
 def _grad_norms(grads: list[Tensor], *, foreach: bool) -> list[Tensor]:
