@@ -239,6 +239,17 @@ def bench_optimizers(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner:
         fns: dict[str, Callable[[], object]] = {k: o.step for k, o in opts.items()}
         # where the time goes: SmoothedNormSGD's one extra read of the gradients, the global norm
         fns["global norm pass alone (global_grad_norm)"] = lambda: global_grad_norm(grads)
+        # and the floor of any momentum update: it reads the gradient, the buffer and the parameter and writes the
+        # buffer and the parameter; two in-place adds per tensor move exactly those bytes, with nothing computed
+        weights = [p.detach() for p in params]
+        floor_bufs = [torch.zeros_like(p) for p in params]
+
+        def memory_floor() -> None:
+            for w, g, b in zip(weights, grads, floor_bufs):
+                b.add_(g, alpha=1e-9)
+                w.add_(b, alpha=-1e-9)
+
+        fns["memory floor (b += g; p += b per tensor)"] = memory_floor
         times = interleaved(fns, rounds, inner)
         sgd = ("SGD(momentum=0.9, foreach=False)", "SGD(momentum=0.9, foreach=True)")
         rows = {name: ratio_row(times, name, sgd) for name in fns}

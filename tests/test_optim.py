@@ -221,6 +221,30 @@ def test_large_and_strided_parameters_match_reference(kind, defaults, foreach):
     assert not torch.allclose(got[-1][0], init[0])
 
 
+def test_loop_kernel_scratch_is_shared_by_shapes_and_dtypes():
+    """One call of the for-loop SignSGD kernel over repeated shapes, two dtypes, an empty tensor and a tensor
+    larger than one chunk: ``sign(g)`` of each goes through the shared scratch space, and every tensor ends where
+    the float64 formula puts it (a view handed to the wrong tensor would corrupt the next one)."""
+    import lightning_clip.optim.smoothed as sm
+
+    gen = torch.Generator().manual_seed(11)
+    specs = [((4, 5), torch.float32), ((4, 5), torch.float32), ((4, 5), F64), ((20,), torch.float32),
+             ((0,), torch.float32), ((sm._CHUNK + 3,), torch.float32), ((5, 4), torch.float32)]
+    params = [torch.randn(s, generator=gen, dtype=d) for s, d in specs]
+    grads = [torch.randn(s, generator=gen, dtype=d) for s, d in specs]
+    grads[3][::2] = 0.0  # sign(0) = 0
+    bufs = [torch.randn(s, generator=gen, dtype=d) for s, d in specs]
+    lr, beta = 0.1, 0.75
+    want_bufs = [beta * b.double() + (1 - beta) * torch.sign(g.double()) for g, b in zip(grads, bufs)]
+    want_params = [p.double() - lr * b for p, b in zip(params, want_bufs)]
+    sm._single_tensor_smoothed_sign(
+        params, grads, bufs, [0] * len(params), lr=lr, beta=beta, weight_decay=0.0, bias_correction=False,
+        maximize=False,
+    )
+    for got, want in zip(bufs + params, want_bufs + want_params):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- #
 # kernel parity
 # --------------------------------------------------------------------------- #

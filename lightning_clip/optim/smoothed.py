@@ -89,9 +89,11 @@ def _check_kernel_args(params: List[Tensor], grads: List[Tensor], bufs: List[Ten
         )
 
 
-#: Entries per chunk of the for-loop kernels (1 MiB of float32): a chunk of ``param``, ``grad`` and ``buf`` stays
-#: in the cache through the whole update chain, so a tensor larger than the cache is read and written once.
-_CHUNK = 1 << 18
+#: Entries per chunk of the for-loop kernels (4 MiB of float32). A tensor up to this size is updated whole; a larger
+#: one (a vocabulary embedding) one chunk at a time, so that ``sign(g)`` needs a scratch buffer of at most this size
+#: rather than a temporary the size of the tensor (allocating and faulting in that temporary each step costs more
+#: than the update). Each further chunk costs three more kernel launches, which is why the chunks are this large.
+_CHUNK = 1 << 20
 
 
 def _chunks(*tensors: Tensor) -> Optional[List[Tuple[Tensor, ...]]]:
@@ -105,6 +107,28 @@ def _chunks(*tensors: Tensor) -> Optional[List[Tuple[Tensor, ...]]]:
     if flats[0].numel() <= _CHUNK:
         return [tuple(flats)]
     return list(zip(*(f.split(_CHUNK) for f in flats)))
+
+
+class _Scratch:
+    """Scratch space for ``sign(g)``, shared by every tensor of one kernel call: one flat buffer per dtype and
+    device, as large as the largest tensor or chunk it serves (at most :data:`_CHUNK` entries), and one view of it
+    per shape, made once (a model repeats a few shapes; a view costs as much as a small kernel)."""
+
+    def __init__(self, tensors: List[Tensor]) -> None:
+        self._size = min(max((t.numel() for t in tensors), default=0), _CHUNK)
+        self._flat: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
+        self._views: Dict[Tuple[torch.dtype, torch.device, torch.Size], Tensor] = {}
+
+    def like(self, t: Tensor) -> Tensor:
+        """A contiguous tensor of ``t``'s shape, dtype and device (``t.numel() <= _CHUNK``), its values undefined."""
+        key = (t.dtype, t.device, t.shape)
+        view = self._views.get(key)
+        if view is None:
+            flat = self._flat.get(key[:2])
+            if flat is None:
+                flat = self._flat[key[:2]] = torch.empty(self._size, dtype=t.dtype, device=t.device)
+            view = self._views[key] = flat[: t.numel()].view(t.shape)
+        return view
 
 
 # --------------------------------------------------------------------------- #
@@ -122,26 +146,24 @@ def _single_tensor_smoothed_sign(
     bias_correction: bool,
     maximize: bool,
 ) -> None:
-    """For-loop kernel: the whole update chain is applied to one cache-sized chunk of one tensor at a time.
+    """For-loop kernel: per tensor, ``sign(g)`` into scratch space, then ``buf.lerp_`` and ``param.add_``.
 
-    ``sign(g)`` goes into one scratch buffer of at most :data:`_CHUNK` entries, reused by every chunk of every
-    tensor: no temporary the size of a parameter is allocated (for a large embedding, that allocation costs more
-    than the update), and each chunk of ``param``, ``grad`` and ``buf`` travels to memory once.
+    ``sign(g)`` goes into one scratch buffer of at most :data:`_CHUNK` entries, reused by every tensor (no
+    allocation per tensor); a tensor larger than that is updated one chunk at a time, the whole chain per chunk.
     """
     _check_kernel_args(params, grads, momentum_buffers, state_steps)
-    scratch: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
+    scratch = _Scratch(grads)
     weight = 1.0 - beta
     decay = 1.0 - lr * weight_decay
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
         step_size = _bias_corrected_lr(lr, beta, step, bias_correction)
-        n = grad.numel()
         real = not grad.is_complex() and grad.dtype == buf.dtype
-        chunks = _chunks(param, grad, buf) if real and n > _CHUNK else None
+        chunks = _chunks(param, grad, buf) if real and grad.numel() > _CHUNK else None
         if chunks is None:  # the tensors as they are
             if weight_decay != 0.0:
                 param.mul_(decay)
-            if real and n <= _CHUNK:
-                direction = torch.sign(grad, out=_scratch(scratch, grad, n)[:n].view(grad.shape))
+            if real and grad.numel() <= _CHUNK:
+                direction = torch.sign(grad, out=scratch.like(grad))
             else:  # complex, or large and not contiguous: a temporary the size of the tensor
                 direction = _sign(grad)
             if maximize:
@@ -150,26 +172,14 @@ def _single_tensor_smoothed_sign(
             buf.lerp_(direction, weight)
             param.add_(buf, alpha=-step_size)
             continue
-        tmp = _scratch(scratch, grad, _CHUNK)
         for p, g, b in chunks:
             if weight_decay != 0.0:
                 p.mul_(decay)
-            direction = torch.sign(g, out=tmp[: g.numel()])
+            direction = torch.sign(g, out=scratch.like(g))
             if maximize:
                 direction.neg_()
             b.lerp_(direction, weight)
             p.add_(b, alpha=-step_size)
-
-
-def _scratch(cache: Dict[Tuple[torch.dtype, torch.device], Tensor], like: Tensor, size: int) -> Tensor:
-    """A flat buffer of at least ``size`` entries of ``like``'s dtype and device, shared by every tensor of one
-    kernel call (grown as needed, at most :data:`_CHUNK` entries)."""
-    key = (like.dtype, like.device)
-    tmp = cache.get(key)
-    if tmp is None or tmp.numel() < size:
-        grown = size if tmp is None else min(max(size, 2 * tmp.numel()), _CHUNK)
-        tmp = cache[key] = torch.empty(max(grown, size), dtype=like.dtype, device=like.device)
-    return tmp
 
 
 def _apply_step_foreach(
