@@ -19,8 +19,10 @@ Shape sets: ``grid`` (16M float32 parameters in 100 tensors of 400 x 400) and ``
 as a 12-layer GPT of width 512 with a 32000 x 512 embedding: 65.5 MB, much larger than the cache).
 
 Every variant is timed in interleaved rounds (each round times every variant once, ``inner`` calls each, so a drift
-of the machine hits all alike); the table gives medians over the rounds, and the ratio's spread is the range of the
-per-round ratios. Writes ``benchmarks/out/<name>.json`` (git-ignored) and ``benchmarks/results.md``.
+of the machine hits all alike). A ratio is the median of the per-round ratios (each round's variant against the same
+round's baseline), given with its 95% confidence interval (distribution-free: order statistics of the per-round
+ratios, from the binomial law of the median) and the range of the per-round ratios; a target is met when the whole
+interval is on its side. Writes ``benchmarks/out/<name>.json`` (git-ignored) and ``benchmarks/results.md``.
 
 Run: ``python benchmarks/bench_all.py`` (about 3 minutes on 2 CPU cores), ``--quick`` for a smoke run (seconds).
 """
@@ -93,14 +95,32 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -
     return times
 
 
+def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: ``(x_(k), x_(n+1-k))`` of the sorted values, with the
+    largest ``k`` for which ``P(x_(k) <= median <= x_(n+1-k)) = 1 - 2 P(Binomial(n, 1/2) < k) >= level`` (the
+    whole range when ``n`` is too small for ``level``)."""
+    xs = sorted(values)
+    n = len(xs)
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return xs[k - 1], xs[n - k]
+
+
 def ratio_row(times: dict[str, list[float]], name: str, base: str | Sequence[str]) -> dict[str, float]:
-    """``name`` against ``base`` (or the fastest of several bases, per round): median ms and the ratio of medians,
-    with the range of the per-round ratios as its spread."""
+    """``name`` against ``base`` (or the fastest of several bases, per round): median ms, the median of the per-round
+    ratios with its 95% confidence interval (:func:`median_ci`), and the range of the per-round ratios."""
     bases = [base] if isinstance(base, str) else list(base)
     base_rounds = [min(times[b][i] for b in bases) for i in range(len(times[name]))]
     per_round = [a / b for a, b in zip(times[name], base_rounds)]
     ms, base_ms = statistics.median(times[name]), statistics.median(base_rounds)
-    return {"ms": ms, "base_ms": base_ms, "ratio": ms / base_ms, "lo": min(per_round), "hi": max(per_round)}
+    ci_lo, ci_hi = median_ci(per_round)
+    return {"ms": ms, "base_ms": base_ms, "ratio": statistics.median(per_round), "ci_lo": ci_lo, "ci_hi": ci_hi,
+            "lo": min(per_round), "hi": max(per_round), "rounds": len(per_round)}
 
 
 # --------------------------------------------------------------------------- part 1: clipping
@@ -304,8 +324,8 @@ def bench_step(rounds: int, steps: int, width: int) -> dict[str, dict]:
     per_round: dict[str, list[float]] = {k: [] for k in names}
     n = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(rounds):
-            for name in names:
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:  # either goes first in half of the rounds
                 pl.seed_everything(0, verbose=False)
                 model = Wide()
                 n = sum(p.numel() for p in model.parameters())
@@ -371,12 +391,14 @@ def machine() -> str:
 
 
 def table(results: dict[str, dict]) -> list[str]:
-    lines = ["| part | set | variant | ms | ratio | spread |", "| --- | --- | --- | ---: | ---: | --- |"]
+    lines = ["| part | set | variant | ms | ratio | 95% CI | range |", "| --- | --- | --- | ---: | ---: | --- | --- |"]
     for part, sets in results.items():
         for set_name, rows in sets.items():
             for name, r in rows.items():
-                spread = f"{r['lo']:.2f}-{r['hi']:.2f}"
-                lines.append(f"| {part} | {set_name} | {name} | {r['ms']:.2f} | {r['ratio']:.3f}x | {spread} |")
+                ci, spread = f"{r['ci_lo']:.3f}-{r['ci_hi']:.3f}", f"{r['lo']:.2f}-{r['hi']:.2f}"
+                lines.append(
+                    f"| {part} | {set_name} | {name} | {r['ms']:.2f} | {r['ratio']:.3f}x | {ci} | {spread} |"
+                )
     return lines
 
 
@@ -397,12 +419,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if "clipping" in parts:
         results["clipping"] = bench_clipping(sets, rounds=2 if quick else 15, inner=1 if quick else 3, fused=not quick)
     if "optimizers" in parts:
-        results["optimizers"] = bench_optimizers(sets, rounds=2 if quick else 11, inner=1 if quick else 2,
+        results["optimizers"] = bench_optimizers(sets, rounds=2 if quick else 15, inner=1 if quick else 2,
                                                  fused=not quick)
     if "step" in parts:
-        results["step"] = bench_step(rounds=1 if quick else 5, steps=4 if quick else 101, width=64 if quick else 2048)
+        results["step"] = bench_step(rounds=1 if quick else 15, steps=4 if quick else 101, width=64 if quick else 2048)
     if "wrapper" in parts:
-        results["wrapper"] = bench_wrapper(sets, rounds=2 if quick else 11, inner=1 if quick else 3)
+        results["wrapper"] = bench_wrapper(sets, rounds=2 if quick else 15, inner=1 if quick else 3)
     elapsed = time.perf_counter() - start
     lines = table(results)
     print("\n".join(lines))
@@ -422,10 +444,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with open(md, "w") as f:
             f.write("# Benchmark results\n\n")
             f.write(f"`python benchmarks/bench_all.py` ({', '.join(parts)}), {elapsed:.0f} s. Machine: {head}.\n\n")
-            f.write("Ratios: median ms of the variant / median ms of its baseline (the first row of its group:"
-                    " `clip_grad_norm_(foreach=True)`; the faster SGD-momentum kernel; the Trainer step with"
-                    " `gradient_clip_val`; the wrapped optimizer plus `clip_grad_norm_`), or the pair named."
-                    " Spread: the range of the per-round ratios.\n\n")
+            f.write("Ratio: the median over the rounds of the variant's time / its baseline's time in the same round"
+                    " (the baseline: the first row of its group, `clip_grad_norm_(foreach=True)`; the faster"
+                    " SGD-momentum kernel; the Trainer step with `gradient_clip_val`; the wrapped optimizer plus"
+                    " `clip_grad_norm_`; or the pair named). 95% CI: the distribution-free confidence interval of"
+                    " that median (order statistics of the per-round ratios). Range: the smallest and largest"
+                    " per-round ratio. ms: the variant's median time.\n\n")
             f.write("\n".join(lines) + "\n")
         print(f"written: {md}")
     return payload
