@@ -270,9 +270,29 @@ def bench_optimizers(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner:
                 w.add_(b, alpha=-1e-9)
 
         fns["memory floor (b += g; p += b per tensor)"] = memory_floor
+        cached: dict[str, str] = {}
+        if set_name == "grid":  # the arithmetic alone: the same chains on one 640 KB tensor that stays in the cache
+            w0, g0, b0, tmp0 = weights[0], grads[0], floor_bufs[0], torch.empty_like(grads[0])
+
+            def sgd_chain() -> None:
+                for _ in range(len(params)):
+                    b0.mul_(0.9).add_(g0, alpha=1e-9)
+                    w0.add_(b0, alpha=-1e-9)
+
+            def sign_chain() -> None:
+                for _ in range(len(params)):
+                    b0.lerp_(torch.sign(g0, out=tmp0), 0.1)
+                    w0.add_(b0, alpha=-1e-9)
+
+            cached = {"cached tensor, SGD-momentum's ops (mul_, add_, add_)": "sgd",
+                      "cached tensor, SmoothedSignSGD's ops (sign, lerp_, add_)": "sign"}
+            fns.update(zip(cached, (sgd_chain, sign_chain)))
         times = interleaved(fns, rounds, inner)
         sgd = ("SGD(momentum=0.9, foreach=False)", "SGD(momentum=0.9, foreach=True)")
         rows = {name: ratio_row(times, name, sgd) for name in fns}
+        if cached:
+            sgd_name, sign_name = list(cached)
+            rows["cached tensor, SmoothedSignSGD's ops / SGD-momentum's ops"] = ratio_row(times, sign_name, sgd_name)
         for name in opts:
             if name.startswith("Smoothed") and "fused" in name:
                 rows[f"{name} / Adam(fused=True)"] = ratio_row(times, name, "Adam(fused=True)")

@@ -155,7 +155,7 @@ def test_clipping_benchmark_against_clip_grad_norm_foreach():
 
 def test_optimizer_benchmark_on_cuda():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_optimizers.py"), "--device", "cuda",
-                           "--quick"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           "--quick", "--compile"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
