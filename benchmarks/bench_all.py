@@ -273,14 +273,15 @@ def bench_optimizers(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner:
         cached: dict[str, str] = {}
         if set_name == "grid":  # the arithmetic alone: the same chains on one 640 KB tensor that stays in the cache
             w0, g0, b0, tmp0 = weights[0], grads[0], floor_bufs[0], torch.empty_like(grads[0])
+            count = len(weights)
 
             def sgd_chain() -> None:
-                for _ in range(len(params)):
+                for _ in range(count):
                     b0.mul_(0.9).add_(g0, alpha=1e-9)
                     w0.add_(b0, alpha=-1e-9)
 
             def sign_chain() -> None:
-                for _ in range(len(params)):
+                for _ in range(count):
                     b0.lerp_(torch.sign(g0, out=tmp0), 0.1)
                     w0.add_(b0, alpha=-1e-9)
 
