@@ -54,7 +54,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
 
     if not FSDP2_ON_CPU:
         pytest.skip(FSDP2_SKIP_REASON)
-    names = ("core", "fsdp2", "tp", "fsdp2_resume", *(f"fsdp2_{p}" for p in PRECISIONS))
+    names = ("core", "optimizers", "fsdp2", "tp", "fsdp2_resume", *(f"fsdp2_{p}" for p in PRECISIONS))
     return _run_two_processes(SCRIPT, tmp_path_factory.mktemp("sharded"), names)
 
 
@@ -122,6 +122,19 @@ def test_nonfinite_skip_and_error_with_distributed_tensors(runs):
     assert a["policy_overflow"] == b["policy_overflow"]
     assert a["policy_overflow"].startswith("Gradient norm overflow at step 0")
     assert "w0 (max |g| = 3e+38)" in a["policy_overflow"]
+
+
+@pytest.mark.parametrize("case", ["sign_foreach=False", "sign_foreach=True", "norm_foreach=False", "norm_foreach=True"])
+def test_smoothed_optimizers_step_dtensor_parameters_like_float64(runs, case):
+    """SmoothedSignSGD / SmoothedNormSGD with DTensor parameters (as under FSDP2 and tensor parallel), the for-loop
+    kernel (the CPU default) and the multi-tensor one: every parameter, the one larger than a chunk included, ends
+    where the float64 formula on the full tensors puts it, the same on both ranks."""
+    a, b = runs["optimizers"]
+    assert a["large"]
+    assert "error" not in a[case], a[case]
+    assert a[case]["types"] == ["DTensor"]
+    assert a[case]["moved"] > 1e-4 and a[case]["err"] < 1e-3 * a[case]["moved"]
+    assert a[case]["sums"] == b[case]["sums"]
 
 
 @pytest.mark.parametrize("layout", ["fsdp2", "tp"])

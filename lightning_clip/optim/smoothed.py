@@ -53,7 +53,14 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from lightning_clip._validation import check_choice, check_flag, check_kernel_choice, check_real
-from lightning_clip.functional import _default_foreach, _grad_norms, _squared_norm, global_grad_norm, real_view
+from lightning_clip.functional import (
+    _default_foreach,
+    _grad_norms,
+    _squared_norm,
+    global_grad_norm,
+    is_dtensor,
+    real_view,
+)
 
 __all__ = [
     "SmoothedSignSGD",
@@ -150,21 +157,24 @@ def _single_tensor_smoothed_sign(
 
     ``sign(g)`` goes into one scratch buffer of at most :data:`_CHUNK` entries, reused by every tensor (no
     allocation per tensor); a tensor larger than that is updated one chunk at a time, the whole chain per chunk.
+    DTensors (FSDP2, tensor parallel) are updated whole, through DTensor's own ops: a flat chunk of a sharded tensor
+    would cross the shards.
     """
     _check_kernel_args(params, grads, momentum_buffers, state_steps)
-    scratch = _Scratch(grads)
+    plain = [g for g in grads if not is_dtensor(g)]
+    scratch = _Scratch(plain)
     weight = 1.0 - beta
     decay = 1.0 - lr * weight_decay
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
         step_size = _bias_corrected_lr(lr, beta, step, bias_correction)
-        real = not grad.is_complex() and grad.dtype == buf.dtype
+        real = not grad.is_complex() and grad.dtype == buf.dtype and not is_dtensor(grad)
         chunks = _chunks(param, grad, buf) if real and grad.numel() > _CHUNK else None
         if chunks is None:  # the tensors as they are
             if weight_decay != 0.0:
                 param.mul_(decay)
             if real and grad.numel() <= _CHUNK:
                 direction = torch.sign(grad, out=scratch.like(grad))
-            else:  # complex, or large and not contiguous: a temporary the size of the tensor
+            else:  # complex, a DTensor, or large and not contiguous: a temporary the size of the tensor
                 direction = _sign(grad)
             if maximize:
                 direction.neg_()
@@ -321,7 +331,8 @@ def _single_tensor_smoothed_norm(
             coef = _tensor_coef(grad, norm, eps, signed)
         step_size = _bias_corrected_lr(lr, beta, step, bias_correction)
         # the update is linear in (param, grad, buf) with real coefficients: complex tensors run as their real views
-        chunks = _chunks(real_view(param), real_view(grad), real_view(buf)) if grad.numel() > _CHUNK else None
+        large = grad.numel() > _CHUNK and not is_dtensor(grad)  # a DTensor whole: flat chunks would cross shards
+        chunks = _chunks(real_view(param), real_view(grad), real_view(buf)) if large else None
         for p, g, b in chunks or ((param, grad, buf),):
             if weight_decay != 0.0:
                 p.mul_(decay)
