@@ -720,9 +720,9 @@ class SmoothedSignSGD(_SmoothedMomentumOptimizer):
             ``False`` for the for-loop kernel, ``None`` (default) for the faster
             one on the parameters' device: multi-tensor on CUDA/XPU, for-loop on
             CPU.  Measured on CPU (16M float32 parameters in 100 tensors, 2
-            cores): the for-loop step takes ~1.0x the time of
+            cores): the for-loop step takes 1.1x the time of
             ``torch.optim.SGD(momentum=0.9, foreach=False)``, the multi-tensor
-            one 1.4x-3x (see ``benchmarks/bench_optimizers.py``).
+            one 3.5x (``python benchmarks/bench_all.py --part optimizers``).
         fused: run the whole update of each tensor in one ``torch.compile``-fused
             loop (compiled on the first step for each list of shapes: tens of
             seconds on CPU for a hundred tensors, cached on disk by
@@ -886,10 +886,10 @@ class SmoothedNormSGD(_SmoothedMomentumOptimizer):
             ``False`` for the for-loop kernel, ``None`` (default) for the faster
             one on the parameters' device: multi-tensor on CUDA/XPU, for-loop on
             CPU.  Measured on CPU (16M float32 parameters in 100 tensors, 2
-            cores, global norm): for-loop ~1.25x-1.35x the time of
+            cores, global norm): for-loop 1.3x-1.4x the time of
             ``torch.optim.SGD(momentum=0.9, foreach=False)`` (the extra cost is
             the norm pass, which must read every gradient before any update),
-            multi-tensor 2x-4x.
+            multi-tensor 4x.
         fused: run the whole update of each tensor in one ``torch.compile``-fused
             loop (compiled on the first step for each list of shapes: tens of
             seconds on CPU for a hundred tensors, cached on disk by
