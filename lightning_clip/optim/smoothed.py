@@ -118,8 +118,8 @@ def _chunks(*tensors: Tensor) -> Optional[List[Tuple[Tensor, ...]]]:
 
 class _Scratch:
     """Scratch space for ``sign(g)``, shared by every tensor of one kernel call: one flat buffer per dtype and
-    device, as large as the largest tensor or chunk it serves (at most :data:`_CHUNK` entries), and one view of it
-    per shape, made once (a model repeats a few shapes; a view costs as much as a small kernel)."""
+    device (made on first use), as large as the largest of ``tensors`` (at most :data:`_CHUNK` entries), and one
+    view of it per shape, made once (a model repeats a few shapes; a view costs as much as a small kernel)."""
 
     def __init__(self, tensors: List[Tensor]) -> None:
         self._size = min(max((t.numel() for t in tensors), default=0), _CHUNK)
@@ -161,33 +161,23 @@ def _single_tensor_smoothed_sign(
     would cross the shards.
     """
     _check_kernel_args(params, grads, momentum_buffers, state_steps)
-    plain = [g for g in grads if not is_dtensor(g)]
-    scratch = _Scratch(plain)
+    scratch = _Scratch(grads)
     weight = 1.0 - beta
     decay = 1.0 - lr * weight_decay
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
         step_size = _bias_corrected_lr(lr, beta, step, bias_correction)
         real = not grad.is_complex() and grad.dtype == buf.dtype and not is_dtensor(grad)
         chunks = _chunks(param, grad, buf) if real and grad.numel() > _CHUNK else None
-        if chunks is None:  # the tensors as they are
+        for p, g, b in chunks or ((param, grad, buf),):
             if weight_decay != 0.0:
-                param.mul_(decay)
-            if real and grad.numel() <= _CHUNK:
-                direction = torch.sign(grad, out=scratch.like(grad))
+                p.mul_(decay)
+            if real and g.numel() <= _CHUNK:
+                direction = torch.sign(g, out=scratch.like(g))
             else:  # complex, a DTensor, or large and not contiguous: a temporary the size of the tensor
-                direction = _sign(grad)
+                direction = _sign(g)
             if maximize:
                 direction.neg_()
             # buf = beta * buf + (1 - beta) * sign(grad)
-            buf.lerp_(direction, weight)
-            param.add_(buf, alpha=-step_size)
-            continue
-        for p, g, b in chunks:
-            if weight_decay != 0.0:
-                p.mul_(decay)
-            direction = torch.sign(g, out=scratch.like(g))
-            if maximize:
-                direction.neg_()
             b.lerp_(direction, weight)
             p.add_(b, alpha=-step_size)
 
