@@ -91,7 +91,10 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
     clamped to ``[-clip_val, clip_val]``) run through the same path and are logged the same way.
 
     The hook runs after the closure, after AMP unscaling, and before Lightning's own clipping and the optimizer
-    step. Every decision stays on the device: a non-logging step makes no host synchronisation with the default
+    step. With an optimizer that evaluates its closure several times per step (``torch.optim.LBFGS``), Lightning
+    runs the hook after each evaluation: every evaluation is clipped with the bound of the step (from the state
+    before it), and the step is counted, logged and enters the average once, with the norm of its first evaluation
+    (the gradient at the parameters the step starts from). Every decision stays on the device: a non-logging step makes no host synchronisation with the default
     ``nonfinite="zero"``.
 
     Defaults: ``alpha=3.8, beta=0.918`` are the values an Optuna search (30 trials) picked for Adam on an MLP
@@ -211,6 +214,7 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         self._loaded: dict[int, dict[str, Tensor]] = {}
         self._names: list[str] = []
         self._last: dict[int, ClipStats] = {}
+        self._stepped_at: dict[int, int] = {}  # the global step of each optimizer's last counted step
         self._warn = True  # whether this process warns about a checkpoint's state (rank zero only)
         #: the values written at the last logging step, by metric name
         self.last_metrics: dict[str, float] = {}
@@ -307,14 +311,36 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             return
         if any(g.is_sparse for g in grads):
             raise RuntimeError("AdaptiveGradientClipping does not support sparse gradients")
-        if self.histogram_every_n_steps is not None and self._histogram_step(trainer):
-            per_layer = per_tensor_norms(grads).float()  # before clipping; a complex entry by |z|; whole DTensors
-            log_histogram(trainer, self.metric_name("grad_norm_per_layer", index), per_layer, self._step(trainer))
-        state = self._state(index, grads[0].device)
+        step = trainer.global_step
         scaler = self._scaler(trainer)
         grad_scale = (
             _L.scale_tensor(scaler) if scaler is not None and _L.optimizer_handles_unscaling(optimizer) else None
         )
+        last = self._last.get(index)
+        if last is not None and self._stepped_at.get(index) == step:
+            # a further evaluation of the closure within one real step (LBFGS runs its closure up to max_iter times;
+            # Lightning calls this hook after each): clip with the bound the step took, count and average nothing
+            clip_step_(
+                params,
+                self._states[index],
+                self.rule,
+                nonfinite=self.nonfinite,
+                scaler_skips=scaler is not None,
+                grad_scale=grad_scale,
+                foreach=self.foreach,
+                fused=self.fused,
+                where=f"global step {step}",
+                names=lambda: {id(p): n for n, p in pl_module.named_parameters()},
+                grads=grads,
+                threshold=last.threshold,
+                update=False,
+            )
+            return
+        self._stepped_at[index] = step
+        if self.histogram_every_n_steps is not None and self._histogram_step(trainer):
+            per_layer = per_tensor_norms(grads).float()  # before clipping; a complex entry by |z|; whole DTensors
+            log_histogram(trainer, self.metric_name("grad_norm_per_layer", index), per_layer, self._step(trainer))
+        state = self._state(index, grads[0].device)
         stats = clip_step_(
             params,
             state,
@@ -324,7 +350,7 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             grad_scale=grad_scale,
             foreach=self.foreach,
             fused=self.fused,
-            where=f"global step {trainer.global_step}",
+            where=f"global step {step}",
             owner="AdaptiveGradientClipping",
             names=lambda: {id(p): n for n, p in pl_module.named_parameters()},
             grads=grads,
@@ -417,6 +443,7 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         self._states = {}
         self._loaded = {}
         self._last = {}
+        self._stepped_at = {}
         self.last_metrics = {}
 
     def state_dict(self) -> dict[str, Any]:

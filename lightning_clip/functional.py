@@ -44,6 +44,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_clip._compile import CompiledKernel
 from lightning_clip._validation import check_choice, check_int, check_real
 
 __all__ = [
@@ -449,7 +450,7 @@ def _scale_and_zero(grads: list[Tensor], coef: Tensor) -> None:
         g.copy_(torch.where(coef != 0, g * coef.to(g.dtype), 0.0))
 
 
-_compiled_scale_and_zero: Callable[[list[Tensor], Tensor], None] | None = None
+_SCALE_AND_ZERO = CompiledKernel(_scale_and_zero, "clipping")
 
 
 def fused_scale_grads_(grads: Sequence[Tensor], coef: Tensor) -> None:
@@ -457,16 +458,15 @@ def fused_scale_grads_(grads: Sequence[Tensor], coef: Tensor) -> None:
 
     The same result as :func:`scale_grads_` with ``zero_nonfinite=True`` in one read and one write of each gradient
     (the eager kernels need a second pass for the zeroing). Compiled on first use for each list of shapes and
-    dtypes (tens of seconds on CPU for ~100 tensors, cached on disk by TorchInductor); worth it for long runs.
+    dtypes (tens of seconds on CPU for ~100 tensors, cached on disk by TorchInductor); worth it for long runs. Any
+    number of such lists in one process (a sweep, gradual unfreezing) each compile once
+    (:class:`~lightning_clip._compile.CompiledKernel`).
     """
-    global _compiled_scale_and_zero
-    if _compiled_scale_and_zero is None:
-        _compiled_scale_and_zero = torch.compile(_scale_and_zero, fullgraph=True, dynamic=False)
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
     for device, group in by_device.items():
-        _compiled_scale_and_zero(group, coef.to(device))
+        _SCALE_AND_ZERO(group, coef.to(device))
 
 
 def scale_grads_(grads: Sequence[Tensor], coef: Tensor, *, zero_nonfinite: bool, foreach: bool | None = None) -> None:
@@ -734,6 +734,8 @@ def clip_grads_(
     grad_scale: Tensor | None = None,
     foreach: bool | None = None,
     fused: bool = False,
+    threshold: Tensor | None = None,
+    update: bool = True,
 ) -> ClipStats:
     """Apply ``rule`` to ``grads`` in place and advance ``state``, without a host synchronisation.
 
@@ -749,6 +751,10 @@ def clip_grads_(
             ``GradScaler``), the 0-d tensor ``S``: the norm and threshold are compared unscaled.
         foreach: kernel choice passed to :func:`scale_grads_`.
         fused: scale (and zero) in one compiled pass (:func:`fused_scale_grads_`) instead.
+        threshold: the bound to apply instead of ``rule.threshold(state)`` (norm rules only): the bound a step
+            already took, for a closure optimizer's later evaluations of the same step.
+        update: advance ``state`` (the average and the window's counts); ``False`` for a further evaluation of a
+            step already counted.
 
     Returns:
         The step's :class:`ClipStats`.
@@ -763,7 +769,8 @@ def clip_grads_(
     if grad_scale is not None:
         norm = norm / grad_scale.to(norm)
     finite = torch.isfinite(norm)
-    threshold = rule.threshold(state)
+    if threshold is None or rule.mode == "value":
+        threshold = rule.threshold(state)
     zero = nonfinite == "zero"
     if rule.mode == "value":
         bound = float(rule.clip_val)  # type: ignore[arg-type]
@@ -773,14 +780,7 @@ def clip_grads_(
             )
         real = [g for g in originals if not g.is_complex()]
         complex_grads = [g for g in originals if g.is_complex()]
-        if sharded:
-            largest = global_max_abs(dtensors).to(norm)
-        else:
-            largest = torch.stack(
-                [torch.zeros((), dtype=norm.dtype, device=norm.device)]
-                + [n.to(norm) for n in (torch._foreach_norm(real, math.inf) if real else ())]
-                + [z.abs().amax().to(norm) for z in complex_grads if z.numel()]
-            ).amax()
+        largest = global_max_abs(dtensors if sharded else originals).to(norm)  # 0 for empty tensors
         clipped = finite & (largest > bound)
         if real:
             torch._foreach_clamp_min_(real, -bound)
@@ -803,6 +803,8 @@ def clip_grads_(
         else:
             scale_grads_(grads, coef, zero_nonfinite=zero, foreach=foreach)
 
+    if not update:
+        return ClipStats(norm=norm, threshold=threshold, coef=coef, clipped=clipped, finite=finite)
     _update_average(state, rule, norm, finite)
     state.steps.add_(finite.long())
     state.clipped.add_(clipped.long())
@@ -849,6 +851,8 @@ def clip_step_(
     owner: str = "AdaptiveGradientClipping",
     names: Callable[[], Mapping[int, str]] | None = None,
     grads: Sequence[Tensor] | None = None,
+    threshold: Tensor | None = None,
+    update: bool = True,
 ) -> ClipStats:
     """One optimizer step of the package's clipping: :func:`clip_grads_` on ``params``' gradients, then the
     non-finite policy. The one implementation behind ``AdaptiveGradientClipping`` and ``AdaptiveClippingOptimizer``.
@@ -872,6 +876,8 @@ def clip_step_(
         names: called only to build an error message: ``id(parameter) -> name``.
         grads: the gradients of ``params``, one each, when they are not ``p.grad`` as it is (FSDP1 shards wrapped as
             DTensors by :class:`lightning_clip._fsdp.FlatShardLayout`); ``None``: ``[p.grad for p in params]``.
+        threshold: the bound to apply instead of the rule's (see :func:`clip_grads_`).
+        update: advance ``state`` (see :func:`clip_grads_`).
 
     Returns:
         The step's :class:`ClipStats`.
@@ -892,6 +898,8 @@ def clip_step_(
         grad_scale=grad_scale,
         foreach=foreach,
         fused=fused,
+        threshold=threshold,
+        update=update,
     )
     if not scaler_skips and nonfinite != "zero" and not bool(stats.finite):  # one sync, by choice
         _apply_nonfinite_policy(params, grads, stats, nonfinite, where=where, owner=owner, names=names)

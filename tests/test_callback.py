@@ -358,3 +358,75 @@ def test_bf16_mixed_runs_and_logs_finite_values(tmp_path):
     trainer.fit(model, regression_loader())
     assert math.isfinite(cb.last_metrics["clip/grad_norm"])
     assert int(cb.clip_state().seen) == 8
+
+
+class _RecordingLBFGS(torch.optim.LBFGS):
+    """LBFGS that records the norm of the gradients it receives from every evaluation of its closure (after the
+    callback clipped them: Lightning runs the hook inside the closure)."""
+
+    def __init__(self, params, received: list[float]):
+        super().__init__(params, lr=0.5, max_iter=4)
+        self.received = received
+
+    def step(self, closure):
+        def recorded():
+            loss = closure()
+            self.received.append(norm64([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]))
+            return loss
+
+        return super().step(recorded)
+
+
+def test_closure_optimizer_clips_every_evaluation_and_counts_each_real_step_once(tmp_path):
+    class Model(TinyRegressor):
+        received: list[float] = []
+
+        def configure_optimizers(self):
+            self.received = []
+            return _RecordingLBFGS(self.parameters(), self.received)
+
+    alpha, beta, steps, evals = 0.5, 0.9, 3, 4
+    model = Model()
+    cb = AdaptiveGradientClipping(alpha=alpha, beta=beta, log_sparsity=False)
+    pl.Trainer(callbacks=[cb], **trainer_kwargs(tmp_path, max_steps=steps)).fit(model, regression_loader())
+    pre, post = model.backward_norms, model.received
+    assert len(pre) == len(post) == steps * evals  # LBFGS evaluated its closure max_iter times per step
+    assert int(cb.clip_state().seen) == steps  # counted once per real step, not once per evaluation
+    # float64 reference: the bound of step t comes from the average over the first evaluations of steps < t
+    ema = None
+    for t in range(steps):
+        first = pre[t * evals]
+        bound = math.inf if ema is None else alpha * ema
+        for i in range(t * evals, (t + 1) * evals):
+            assert post[i] == pytest.approx(min(pre[i], bound), rel=1e-5)
+        ema = first if ema is None else beta * ema + (1 - beta) * first
+    assert float(cb.clip_state().ema) == pytest.approx(ema, rel=1e-5)
+
+
+def test_value_mode_and_adaptive_mode_train_with_an_empty_parameter(tmp_path):
+    class WithEmpty(TinyRegressor):
+        def __init__(self):
+            super().__init__(optimizer="sgd")
+            self.empty = nn.Parameter(torch.zeros(0, 3))
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) + self.empty.sum()
+
+    for kwargs in ({"mode": "value", "clip_val": 0.05}, {"alpha": 0.5}):
+        model = WithEmpty()
+        reference = WithEmpty()
+        reference.load_state_dict(model.state_dict())
+        cb = AdaptiveGradientClipping(log_sparsity=False, **kwargs)
+        pl.Trainer(callbacks=[cb], **trainer_kwargs(tmp_path, max_steps=1)).fit(model, regression_loader())
+        assert model.empty.grad is not None and model.empty.grad.numel() == 0
+        # one step by hand: torch's clipping of the same gradients, then SGD
+        x, y = next(iter(regression_loader()))
+        (nn.functional.mse_loss(reference.net(x), y) + reference.empty.sum()).backward()
+        params = [p for p in reference.parameters()]
+        if kwargs.get("mode") == "value":
+            torch.nn.utils.clip_grad_value_(params, 0.05)
+        with torch.no_grad():
+            for p in params:
+                p -= reference.lr * p.grad
+        for a, b in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b)

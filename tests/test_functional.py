@@ -321,3 +321,47 @@ def test_chunked_scale_and_zero_matches_the_two_passes(coef):
     expected.view(torch.int32).bitwise_and_(_keep_mask(c, torch.float32, g.device))
     scale_grads_([g], c, zero_nonfinite=True, foreach=False)
     assert torch.equal(g.view(torch.int32), expected.view(torch.int32))
+
+
+def test_fused_clipping_takes_any_number_of_configurations_in_one_process():
+    """A sweep in one process (12 models of different shapes, each with ``fused=True``): every configuration clips
+    like the eager kernel, bit for bit, and none crashes on torch.compile's recompile limit (8 per function)."""
+    import warnings
+
+    from lightning_clip import AdaptiveClippingOptimizer
+
+    with warnings.catch_warnings():
+        # neither a crash nor a silent fall-back to the eager kernel
+        warnings.filterwarnings("error", message="lightning-clip", category=RuntimeWarning)
+        for trial in range(12):
+            shapes = [(trial + 2, 3)] + [(trial + 1,)] * (1 + trial % 3)
+            runs = []
+            for fused in (True, False):
+                torch.manual_seed(trial)
+                params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+                opt = AdaptiveClippingOptimizer(torch.optim.SGD(params, lr=0.1), alpha=0.5, beta=0.9, fused=fused)
+                for step in range(3):
+                    for i, p in enumerate(params):
+                        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+                    opt.step()
+                runs.append(params)
+            for a, b in zip(*runs):
+                assert torch.equal(a, b)
+
+
+def test_value_mode_accepts_empty_parameters_like_torch():
+    """A zero-size parameter beside others: value clipping clamps the others as ``clip_grad_value_`` does."""
+    grads = [torch.tensor([3.0, -0.1, -7.0]), torch.zeros(0, 4), torch.zeros(0, 2)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_value_(params, 0.5)
+    stats = clip_grads_(grads, ClipState.zeros(), ClipRule(mode="value", clip_val=0.5))
+    for p, g in zip(params, grads):
+        assert torch.equal(g, p.grad)
+    assert float(stats.coef) == pytest.approx(math.sqrt(0.25 + 0.01 + 0.25) / math.sqrt(9 + 0.01 + 49), rel=1e-6)
+    assert bool(stats.clipped)
+    # only empty tensors: nothing to clamp, nothing clipped
+    empty = [torch.zeros(0), torch.zeros(2, 0), torch.zeros(0, dtype=torch.complex64)]
+    stats = clip_grads_(empty, ClipState.zeros(), ClipRule(mode="value", clip_val=0.5))
+    assert not bool(stats.clipped) and float(stats.coef) == 1.0
