@@ -430,8 +430,9 @@ class UpdateSparsityTracker:
         if self._window is None:
             return
         groups = self.optimizer.param_groups
-        if len(groups) != len(self._lr_sums):
-            self._lr_sums = [0.0 for _ in groups]
+        # a group added mid-window (gradual unfreezing) starts its sum at 0; the others keep theirs (the new group's
+        # parameters are not in this window's copy: they are measured from the next window on)
+        self._lr_sums += [0.0] * (len(groups) - len(self._lr_sums))
         for i, g in enumerate(groups):
             self._lr_sums[i] = self._lr_sums[i] + g.get("lr", 0.0)
 

@@ -222,3 +222,33 @@ def test_monitor_has_a_series_per_optimizer(tmp_path):
     assert [s for s, _ in tags["sparsity/Adam/update_sparsity"]] == [1, 3, 5, 7]
     assert [s for s, _ in tags["sparsity/SGD/update_sparsity"]] == [1, 3, 5, 7]
     assert all(0.0 <= v <= 1.0 for vals in tags.values() for _, v in vals)
+
+
+def test_cumulative_window_keeps_its_summed_lrs_when_a_group_is_added_mid_window():
+    """Gradual unfreezing: a param group added in the middle of a window does not restart the other groups' sums
+    of learning rates; the window's sparsity equals a direct count against the lr summed over the whole window."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(200))
+    late = nn.Parameter(torch.randn(50))
+    opt = torch.optim.SGD([w], lr=0.01)
+    tracker = UpdateSparsityTracker(opt, tol=0.5, cumulative=True, max_entries=None)
+    tracker.start_window()
+    start = w.detach().clone()
+    lrs = [0.01, 0.01, 0.02, 0.02]
+    for step, lr in enumerate(lrs):
+        if step == 2:
+            opt.add_param_group({"params": [late], "lr": lr})
+        for g in opt.param_groups:
+            g["lr"] = lr
+        w.grad = torch.randn(200, generator=torch.Generator().manual_seed(step)) * 3.0
+        late.grad = torch.ones(50) if step >= 2 else None
+        opt.step()
+        tracker.count_step()
+    got = float(tracker.measure_window())
+    moved = (w.detach().double() - start.double()).abs()
+    expected = float((moved <= 0.5 * sum(lrs)).double().mean())
+    assert 0.05 < expected < 0.95  # the bound matters: restarting the sum at step 2 gives another count
+    restarted = float((moved <= 0.5 * sum(lrs[2:])).double().mean())
+    assert abs(restarted - expected) > 2 / 200
+    assert got == pytest.approx(expected, abs=1.5 / 200)
+    tracker.close()
