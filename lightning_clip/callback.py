@@ -112,8 +112,10 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         max_norm: optional absolute cap on the norm in adaptive mode, applied from the first step: Adam's second
             moment needs a few steps before it brakes a large gradient, the cap brakes from step one.
         warmup_steps: informative steps after the seeding step during which the adaptive threshold is not applied;
-            over them the average is bias-corrected (every step weighs alike), so one unrepresentative early step
-            does not set the threshold that follows.
+            over them the average is the bias-corrected moving average of the norms so far,
+            ``m_k = sum_(i<=k) (1 - beta) beta^(k-i) n_i / (1 - beta^k)`` (later steps weigh more, the first one far
+            less than in the plain seeded average), so one unrepresentative early step does not set the threshold
+            that follows.
         nonfinite: what a step with an ``inf``/``nan`` norm does (such a norm never enters the average):
 
             * ``"zero"`` (default, no host sync): every gradient entry becomes 0 (``nan``/``inf`` included).

@@ -365,3 +365,41 @@ def test_value_mode_accepts_empty_parameters_like_torch():
     empty = [torch.zeros(0), torch.zeros(2, 0), torch.zeros(0, dtype=torch.complex64)]
     stats = clip_grads_(empty, ClipState.zeros(), ClipRule(mode="value", clip_val=0.5))
     assert not bool(stats.clipped) and float(stats.coef) == 1.0
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 4, 9])
+def test_warmup_average_is_the_bias_corrected_closed_form(warmup):
+    """During the warm-up ``m_k = sum_(i<=k) (1 - beta) beta^(k-i) n_i / (1 - beta^k)`` (float64, summed directly),
+    then the plain moving average; the threshold applies from step ``warmup + 2`` on."""
+    beta, alpha = 0.8, 1e6
+    rule, state = ClipRule(alpha=alpha, beta=beta, warmup_steps=warmup), ClipState.zeros()
+    norms = [5.0, 0.3, 2.0, 9.0, 1.0, 4.0, 0.7, 3.0, 6.0, 2.5, 1.5, 8.0, 0.9]
+    m = None
+    for k, n in enumerate(norms, start=1):
+        stats = clip_grads_(_grads_with_norm(n, seed=k), state, rule)
+        assert math.isinf(float(stats.threshold)) == (k <= warmup + 1)
+        if k <= warmup + 1:
+            m = sum((1 - beta) * beta ** (k - i) * norms[i - 1] for i in range(1, k + 1)) / (1 - beta**k)
+        else:
+            m = beta * m + (1 - beta) * n
+        assert float(state.ema) == pytest.approx(m, rel=1e-6)
+
+
+def test_the_docs_state_the_warmup_average_the_code_computes():
+    """The README and the docstrings give the closed form above, and none says the warm-up steps weigh alike."""
+    import inspect
+    from pathlib import Path
+
+    import lightning_clip.callback as callback
+    import lightning_clip.functional as functional
+
+    texts = {
+        "README.md": (Path(__file__).parents[1] / "README.md").read_text(),
+        "functional": inspect.getdoc(functional),
+        "ClipRule": inspect.getdoc(ClipRule),
+        "AdaptiveGradientClipping": inspect.getdoc(callback.AdaptiveGradientClipping),
+    }
+    for where, text in texts.items():
+        flat = " ".join(text.split())
+        assert "weighs alike" not in flat and "counts alike" not in flat, where
+        assert "(1 - beta) beta^(k-i) n_i / (1 - beta^k)" in flat, where
