@@ -18,7 +18,7 @@ _EXPORTS: dict[str, str] = {
     "ClipState": "lightning_clip.functional",
     "ClipStats": "lightning_clip.functional",
     "clip_grads_": "lightning_clip.functional",
-    "global_grad_norm": "lightning_clip.functional",
+    "global_grad_norm": "lightning_clip.norms",
     "SPARSITY_METRICS": "lightning_clip.monitor",
     "UpdateSparsityMonitor": "lightning_clip.monitor",
     "OPTIMIZER_REGISTRY": "lightning_clip.optim",
@@ -53,8 +53,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_clip.callback import METRICS, AdaptiveGradientClipping
-    from lightning_clip.functional import ClipRule, ClipState, ClipStats, clip_grads_, global_grad_norm
+    from lightning_clip.functional import ClipRule, ClipState, ClipStats, clip_grads_
     from lightning_clip.monitor import SPARSITY_METRICS, UpdateSparsityMonitor
+    from lightning_clip.norms import global_grad_norm
     from lightning_clip.optim import (
         OPTIMIZER_REGISTRY,
         GroupedSmoothedNormSGD,

@@ -31,10 +31,10 @@ from lightning_clip.functional import (
     ClipStats,
     NonFinitePolicy,
     clip_step_,
-    per_tensor_norms,
     window_metrics,
 )
 from lightning_clip.monitor import SPARSITY_METRICS, _SparsityLogging
+from lightning_clip.norms import per_tensor_norms
 from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, _check_relative_to, _check_tol
 
 if TYPE_CHECKING:
@@ -94,8 +94,8 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
     step. With an optimizer that evaluates its closure several times per step (``torch.optim.LBFGS``), Lightning
     runs the hook after each evaluation: every evaluation is clipped with the bound of the step (from the state
     before it), and the step is counted, logged and enters the average once, with the norm of its first evaluation
-    (the gradient at the parameters the step starts from). Every decision stays on the device: a non-logging step makes no host synchronisation with the default
-    ``nonfinite="zero"``.
+    (the gradient at the parameters the step starts from). Every decision stays on the device: a non-logging step
+    makes no host synchronisation with the default ``nonfinite="zero"``.
 
     Defaults: ``alpha=3.8, beta=0.918`` are the values an Optuna search (30 trials) picked for Adam on an MLP
     over mnist1d at lr 0.04 (``examples/tune.py`` reruns such a search). With ``beta=0.918`` the average forgets with a

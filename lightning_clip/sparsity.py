@@ -50,7 +50,7 @@ of a logging step: the sampled values (``(max_entries + T) * element_size`` for 
 entry (one full copy of the weights).
 
 **Sharded parameters** (DTensors: FSDP2, tensor parallel): each rank measures its local shards, and the counts are
-summed over the ranks holding the other shards (:func:`lightning_clip.functional.sum_over_shards`), so every rank
+summed over the ranks holding the other shards (:func:`lightning_clip.norms.sum_over_shards`), so every rank
 logs the fraction of the whole model.
 
 **Cumulative sparsity** (opt-in, it holds one extra copy of the weights for the whole window): with
@@ -74,7 +74,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip._validation import check_choice, check_flag, check_int, check_real
-from lightning_clip.functional import local_tensor, real_view, sum_over_shards
+from lightning_clip.norms import local_tensor, real_view, sum_over_shards
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",

@@ -186,7 +186,8 @@ def core(out: str) -> None:
     import torch.distributed as dist
 
     from lightning_clip._fsdp import FlatShardLayout
-    from lightning_clip.functional import ClipRule, ClipState, clip_step_, per_tensor_norms
+    from lightning_clip.functional import ClipRule, ClipState, clip_step_
+    from lightning_clip.norms import per_tensor_norms
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if ACCELERATOR == "cuda" else torch.device("cpu")

@@ -204,7 +204,8 @@ def core(out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
-    from lightning_clip.functional import ClipRule, ClipState, clip_grads_, global_grad_norm, per_tensor_norms
+    from lightning_clip.functional import ClipRule, ClipState, clip_grads_
+    from lightning_clip.norms import global_grad_norm, per_tensor_norms
 
     rank = dist.get_rank()
     mesh = init_device_mesh(ACCELERATOR, (2,))

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from lightning_clip.functional import ClipRule, ClipState, clip_grads_, global_grad_norm, scale_grads_
+from lightning_clip.functional import ClipRule, ClipState, clip_grads_, scale_grads_
+from lightning_clip.norms import global_grad_norm
 
 
 def _grads_with_norm(norm: float, shapes=((3, 4), (5,), (2, 2, 2)), seed: int = 0) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from lightning_clip import AdaptiveGradientClipping
-from lightning_clip.functional import global_grad_norm
+from lightning_clip.norms import global_grad_norm
 from tests.conftest import TinyRegressor, regression_loader, trainer_kwargs
 from tests.lightning_ns import pl
 
