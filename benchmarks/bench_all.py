@@ -43,14 +43,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from lightning_clip.functional import (
-    ClipRule,
-    ClipState,
-    clip_grads_,
-    cpu_fast_path,
-    global_grad_norm,
-    scale_grads_,
-)
+from lightning_clip._scaling import cpu_fast_path, scale_grads_
+from lightning_clip.functional import ClipRule, ClipState, clip_grads_
+from lightning_clip.norms import global_grad_norm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("clipping", "optimizers", "step", "wrapper")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_clip import AdaptiveGradientClipping
-from lightning_clip.functional import cpu_fast_path
+from lightning_clip._scaling import cpu_fast_path
 from tests.conftest import TinyRegressor, norm64, read_scalars, regression_loader, trainer_kwargs
 from tests.lightning_ns import pl
 
@@ -158,7 +158,7 @@ def test_two_instances_share_a_checkpoint(tmp_path):
 def _no_host_sync():
     """Any read back to the host raises in the block, which runs with the CPU fast path off: the path that CUDA,
     MPS and XLA take (on CPU tensors the fast path reads the clip coefficient, a free memory read there, through
-    ``functional.cpu_read``; ``test_cpu_fast_path_is_bit_identical_to_the_sync_free_path`` checks both agree)."""
+    ``_scaling.cpu_read``; ``test_cpu_fast_path_is_bit_identical_to_the_sync_free_path`` checks both agree)."""
 
     def boom(*_args, **_kwargs):
         raise AssertionError("host synchronisation in the per-step path")

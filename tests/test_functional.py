@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from lightning_clip.functional import ClipRule, ClipState, clip_grads_, scale_grads_
+from lightning_clip._scaling import scale_grads_
+from lightning_clip.functional import ClipRule, ClipState, clip_grads_
 from lightning_clip.norms import global_grad_norm
 
 
@@ -245,7 +246,7 @@ def test_zeroing_works_bitwise_in_every_float_dtype(dtype, foreach):
 
 
 def test_fused_kernel_matches_the_eager_one_bit_for_bit():
-    from lightning_clip.functional import fused_scale_grads_
+    from lightning_clip._scaling import fused_scale_grads_
 
     for coef_value in (0.37, 1.0, 0.0):
         a = _grads_with_norm(3.0, seed=11)
@@ -276,7 +277,7 @@ def test_cpu_fast_path_is_bit_identical_to_the_sync_free_path(dtype, nonfinite, 
     """On CPU, reading ``c_t`` back and skipping the passes that change nothing gives the same bits as the
     sync-free path of accelerators, over steps with no clipping, a spike, a ``nan`` step, an ``inf`` step, a zero
     step, and the grads, norms, coefficients and every state tensor agree."""
-    from lightning_clip.functional import cpu_fast_path, cpu_read
+    from lightning_clip._scaling import cpu_fast_path, cpu_read
 
     torch.manual_seed(0)
     shapes = [(7, 5), (33,), (4, 4, 3), (1,)]
@@ -313,7 +314,7 @@ def test_cpu_fast_path_is_bit_identical_to_the_sync_free_path(dtype, nonfinite, 
 @pytest.mark.parametrize("coef", [0.0, 0.37, 1.0])
 def test_chunked_scale_and_zero_matches_the_two_passes(coef):
     """A tensor larger than a chunk is multiplied and masked chunk by chunk: the same bits as the two whole passes."""
-    from lightning_clip.functional import _CHUNK, _keep_mask
+    from lightning_clip._scaling import _CHUNK, _keep_mask
 
     g = torch.randn(3 * _CHUNK + 5)
     g[7], g[_CHUNK + 1], g[-1] = float("nan"), float("inf"), -0.5
