@@ -4,15 +4,22 @@
 rare gradient spike the clipping visibly holds); ``lightning-clip fit --config NAME`` runs another built-in config
 (``lightning-clip configs`` lists them) or any YAML file. Every argument of the model, the data, the Trainer, its
 callbacks (``AdaptiveGradientClipping`` among them) and the optimizer is settable from YAML or the command line
-(``lightning-clip fit --help``). The Lightning namespace is ``lightning.pytorch`` when installed, else
-``pytorch_lightning`` (``$LIGHTNING_CLIP_NAMESPACE`` picks one).
+(``lightning-clip fit --help``). ``lightning-clip validate``, ``test`` and ``predict`` run on mnist1d's 1000 held-out
+sequences (from a fit's checkpoint with ``--ckpt_path``); ``predict`` saves the predicted classes to
+``predictions.pt`` in the Trainer's ``default_root_dir``. The Lightning namespace is ``lightning.pytorch`` when
+installed, else ``pytorch_lightning`` (``$LIGHTNING_CLIP_NAMESPACE`` picks one).
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib
+import inspect
 import os
 import re
 import sys
+import textwrap
 import traceback
 from collections.abc import Sequence
 from importlib import resources
@@ -22,6 +29,8 @@ from typing import Any, NoReturn
 #: The built-in config that ``lightning-clip fit`` (and validate/test/predict) runs when given no ``--config``.
 DEFAULT_CONFIG = "demo"
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: The file, in the Trainer's ``default_root_dir``, where ``lightning-clip predict`` saves the predicted classes.
+PREDICTIONS_FILE = "predictions.pt"
 _EXTRA_HINT = 'pip install "lightning-clip[cli]"'
 
 
@@ -120,23 +129,150 @@ def _user_error(err: BaseException | None) -> BaseException | None:
 
 
 def condense_parser_error(message: str) -> str:
-    """One line from jsonargparse's error report: the argument's full key, the value given and the types expected.
+    """One line from jsonargparse's error report: the argument's full key, the value given and what it accepts.
 
     ``Parser key "trainer.max_epochs": ... Expected a <class 'int'> ... Given value: x`` becomes
-    ``Invalid trainer.max_epochs: 'x'; expected int or None``. A message without a key (an unknown argument, a
-    missing file) keeps its first line.
+    ``Invalid trainer.max_epochs: 'x'; expected int or None``; a value outside a ``Literal`` becomes
+    ``Invalid trainer.callbacks.nonfinite: 'ignore' is not one of 'zero', 'skip', 'error'``. For a class given by
+    ``class_path`` (a callback, the optimizer, the scheduler, the logger) the report on that class is read, not the
+    union of everything the argument accepts: an unknown key becomes ``Invalid trainer.callbacks: alpah is not an
+    argument of AdaptiveGradientClipping; did you mean alpha?``. A message without a key (an unknown top-level
+    argument, a missing file) keeps its first line.
     """
-    keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
+    return _condense(message, [], None)
+
+
+#: The report on one class in jsonargparse's list of the union's failures; the first is the class given.
+_CLASS_PROBLEM = re.compile(
+    r"^(?P<indent>[ \t]*)- Problem with given class_path '(?P<cls>[^']+)':[ \t]*$", re.MULTILINE
+)
+#: The same for a callable argument (``model.optimizer``), which reports on one line ending in ``Namespace(...)``.
+_CALLABLE_PROBLEM = re.compile(
+    r"^(?P<indent>[ \t]*)- Type .*? expects a function or a callable class: (?P<rest>.*)$", re.MULTILINE
+)
+_NAMESPACE_TAIL = re.compile(r"\.? Got value: Namespace\(.*$")
+_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\](?=\.\s|\s*$)", re.MULTILINE)
+
+
+def _class_problem(message: str) -> tuple[int, str, str] | None:
+    """Where the first class's report starts in ``message``, the class path and the report, dedented."""
+    found = [m for m in (_CLASS_PROBLEM.search(message), _CALLABLE_PROBLEM.search(message)) if m is not None]
+    if not found:
+        return None
+    m = min(found, key=lambda match: match.start())
+    indent = len(m.group("indent"))
+    lines: list[str] = []
+    for line in message[m.end() :].splitlines()[1:]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        lines.append(line)
+    report = textwrap.dedent("\n".join(lines))
+    if m.re is _CALLABLE_PROBLEM:
+        cls = re.search(r"class_path='([^']+)'", message[m.start() :])
+        if cls is None:
+            return None
+        report = "\n".join(_NAMESPACE_TAIL.sub("", ln) for ln in [m.group("rest"), *report.splitlines()])
+        return m.start(), cls.group(1), report
+    return m.start(), m.group("cls"), report
+
+
+def _condense(message: str, outer: list[str], cls: str | None) -> str:
+    """:func:`condense_parser_error` of ``message``, the report on class ``cls`` under the keys ``outer``."""
+    problem = _class_problem(message)
+    head = message if problem is None else message[: problem[0]]
+    keys = [*outer, *dict.fromkeys(re.findall(r'Parser key "([^"]+)"', head))]
+    if problem is not None:
+        return _condense(problem[2], keys, problem[1])
     if not keys:
         return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
-    value = re.search(r"Got value: (.*)", message) or re.search(r"Given value: (.*)", message)
-    types = list(dict.fromkeys(re.findall(r"Expected a <class '([^']+)'>", message)))
-    types = ["None" if t == "NoneType" else t.rsplit(".", 1)[-1] for t in types]
     key = ".".join(keys)
-    if not types or value is None:
-        last = re.sub(r'^(Parser key "[^"]+":\s*)+', "", message.strip().splitlines()[-1].strip())
-        return f"Invalid {key}: {last}"
-    return f"Invalid {key}: {value.group(1).strip()!r}; expected {' or '.join(types)}"
+    unknown = re.search(r"Option '([^']+)' is not accepted", message)
+    if cls is not None and unknown is not None:
+        return f"Invalid {key}: {_unknown_argument(unknown.group(1), cls)}"
+    detail = _value_detail(message)
+    if detail is not None:
+        return f"Invalid {key}: {detail}"
+    lines = message.strip().splitlines() or ["invalid value"]
+    if cls is not None:  # e.g. a class path that does not import
+        return f"Invalid {key}: {cls}: {lines[0].strip()}{_missing_class_hint(lines[0])}"
+    last = re.sub(r'^(Parser key "[^"]+":\s*)+', "", lines[-1].strip())
+    return f"Invalid {key}: {last}"
+
+
+def _value_detail(report: str) -> str | None:
+    """``'x'; expected int or None`` or ``'x' is not one of 'a', 'b'`` from a report on one value, else None."""
+    value = re.search(r"Got value: (.*)", report) or re.search(r"Given value: (.*)", report)
+    types = list(dict.fromkeys(re.findall(r"Expected a <class '([^']+)'>", report)))
+    types = ["None" if t == "NoneType" else t.rsplit(".", 1)[-1] for t in types]
+    choices: list[Any] = []
+    for listed in _LITERAL.findall(report):
+        try:
+            choices += [c for c in ast.literal_eval(f"[{listed}]") if c not in choices]
+        except (ValueError, SyntaxError):
+            return None
+    if value is None or not (types or choices):
+        return None
+    given = value.group(1).strip()
+    if not choices:
+        return f"{given!r}; expected {' or '.join(types)}"
+    if "None" in types:
+        choices.append(None)
+    others = [t for t in types if t != "None"]
+    nor = f" nor {' or '.join(others)}" if others else ""
+    return f"{given!r} is not one of {', '.join(map(repr, choices))}{nor}"
+
+
+def _missing_class_hint(report: str) -> str:
+    """``; did you mean lightning_clip.AdaptiveGradientClipping?`` for ``module 'lightning_clip' has no attribute
+    'AdaptiveGradientClippin'``, else ``""``."""
+    missing = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", report)
+    if missing is None:
+        return ""
+    try:
+        names = [n for n in dir(importlib.import_module(missing.group(1))) if not n.startswith("_")]
+    except ImportError:
+        return ""
+    close = difflib.get_close_matches(missing.group(2), names, n=3)
+    return f"; did you mean {' or '.join(f'{missing.group(1)}.{n}' for n in close)}?" if close else ""
+
+
+def _unknown_argument(name: str, cls: str) -> str:
+    """``alpah is not an argument of AdaptiveGradientClipping; did you mean alpha?`` (from the class's signature)."""
+    accepted = _init_arguments(cls)
+    short = cls.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, accepted, n=3)
+    if close:
+        hint = f"; did you mean {' or '.join(close)}?"
+    elif accepted:
+        hint = f"; it takes {', '.join(accepted)}"
+    else:
+        hint = ""
+    return f"{name} is not an argument of {short}{hint}"
+
+
+def _init_arguments(cls: str) -> list[str]:
+    """The arguments a config can give class ``cls`` (import path): its signature's named parameters, less the
+    optimizer's ``params`` and the scheduler's ``optimizer`` that LightningCLI passes itself; [] if it does not
+    import."""
+    module, _, name = cls.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+        params = list(inspect.signature(obj).parameters.values())
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    import torch
+
+    linked: set[str] = set()
+    if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer):
+        linked.add("params")
+    lr_scheduler = torch.optim.lr_scheduler
+    schedulers = tuple(
+        getattr(lr_scheduler, n) for n in ("LRScheduler", "ReduceLROnPlateau") if hasattr(lr_scheduler, n)
+    )
+    if isinstance(obj, type) and issubclass(obj, schedulers):
+        linked.add("optimizer")
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in params if p.kind not in variadic and p.name not in linked]
 
 
 class _BadSetting(ValueError):
@@ -167,7 +303,8 @@ def build_cli(args: Any = None, run: bool = True) -> Any:
             sys.exit(2)
 
     class ClipCLI(LightningCLI):
-        """LightningCLI that says, after ``fit``, where the TensorBoard logs are and what they hold."""
+        """LightningCLI that says, after ``fit``, where the TensorBoard logs are and what they hold, and saves the
+        predictions of ``predict``."""
 
         def init_parser(self, **kwargs: Any) -> Any:
             parser = super().init_parser(**kwargs)
@@ -182,6 +319,22 @@ def build_cli(args: Any = None, run: bool = True) -> Any:
                 if bad is None:
                     raise
                 raise _BadSetting(str(bad).splitlines()[0]) from None
+
+        def after_predict(self) -> None:
+            """Saves the predicted classes, one per example of the predict split in order, as one tensor in
+            ``<trainer.default_root_dir>/predictions.pt`` and says where (LightningCLI itself keeps none)."""
+            if not self.trainer.is_global_zero:
+                return
+            import torch
+
+            batches = self.trainer.predict_loop.predictions
+            if not batches:
+                return
+            predictions = torch.cat([torch.as_tensor(b).reshape(-1) for b in batches])
+            path = os.path.abspath(os.path.join(self.trainer.default_root_dir, PREDICTIONS_FILE))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(predictions, path)
+            print(f"\nPredictions: {len(predictions)} classes saved to {path} (torch.load it)", flush=True)
 
         def after_fit(self) -> None:
             if not self.trainer.is_global_zero:

@@ -58,32 +58,52 @@ def _as_dataset(x, y) -> TensorDataset:
 class MNIST1DDataModule(pl.LightningDataModule):
     """mnist1d as a Lightning data module.
 
+    Training reads the 4000 training sequences; validation, test and predict all read the 1000 held-out ones
+    (mnist1d's test split), in order.
+
     Args:
-        batch_size: samples per batch.
+        batch_size: samples per training batch.
         seed: the generator seed of mnist1d (42 is the published data set).
         shuffle: reshuffle the training set every epoch.
         cache_dir: optional folder to keep the generated arrays in between runs.
+        eval_batch_size: samples per batch of validation, test and predict (1000: the held-out split in one).
     """
 
-    def __init__(self, batch_size: int = 100, seed: int = 42, shuffle: bool = True, cache_dir: str | None = None):
+    def __init__(
+        self,
+        batch_size: int = 100,
+        seed: int = 42,
+        shuffle: bool = True,
+        cache_dir: str | None = None,
+        eval_batch_size: int = 1000,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size!r}; expected >= 1")
+        if eval_batch_size < 1:
+            raise ValueError(f"Invalid eval_batch_size: {eval_batch_size!r}; expected >= 1")
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.cache_dir = cache_dir
+        self.eval_batch_size = eval_batch_size
 
     def setup(self, stage: str) -> None:
         d = mnist1d_arrays(self.seed, self.cache_dir)
         self.train_set = _as_dataset(d["x"], d["y"])
-        self.val_set = _as_dataset(d["x_test"], d["y_test"])
+        self.val_set = self.test_set = self.predict_set = _as_dataset(d["x_test"], d["y_test"])
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=1000)
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.predict_set, batch_size=self.eval_batch_size)
 
 
 class MNIST1DClassifier(pl.LightningModule):
@@ -152,11 +172,25 @@ class MNIST1DClassifier(pl.LightningModule):
             return loss * self.spike_scale
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        """Logs ``{stage}/loss`` (mean cross-entropy) and ``{stage}/acc`` (accuracy), weighted by batch size."""
         x, y = batch
         logits = self(x)
-        self.log("val/loss", nn.functional.cross_entropy(logits, y), prog_bar=True, batch_size=len(y))
-        self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
+        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits, y), prog_bar=True, batch_size=len(y))
+        self.log(f"{stage}/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Logs ``val/loss`` and ``val/acc`` over the held-out split."""
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Logs ``test/loss`` and ``test/acc`` over the held-out split (``lightning-clip test``)."""
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> Tensor:
+        """The predicted class (0-9) of each sequence of the batch; labels, when the batch has them, are ignored."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(-1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
+from torch import nn
 
 from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.cli import build_cli
@@ -339,3 +342,230 @@ def test_missing_cli_extra_names_the_install_line(tmp_path):
     assert out.stderr.strip() == (
         'lightning-clip: the command needs mnist1d (the "cli" extra): pip install "lightning-clip[cli]"'
     )
+
+
+# ------------------------------------------------------------------ a wrong key or value under a class_path
+def _bad_callback_yaml(tmp_path, init_args: str, name: str = "bad.yaml", cls: str = "AdaptiveGradientClipping"):
+    path = tmp_path / name
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_clip.UpdateSparsityMonitor\n"
+        f"    - class_path: lightning_clip.{cls}\n      init_args: {init_args}\n"
+    )
+    return str(path)
+
+
+_CHOICE = "Invalid trainer.callbacks.nonfinite: 'ignore' is not one of 'zero', 'skip', 'error'"
+_UNKNOWN = "Invalid trainer.callbacks: alpah is not an argument of AdaptiveGradientClipping; did you mean alpha?"
+_BAD_CLASS_SETTINGS = [
+    ("cli-choice", ["--trainer.callbacks.nonfinite=ignore"], _CHOICE),
+    ("cli-choice-init_args", ["--trainer.callbacks.init_args.nonfinite=ignore"], _CHOICE),
+    ("cli-unknown", ["--trainer.callbacks.alpah=2"], _UNKNOWN),
+    ("cli-type", ["--trainer.callbacks.alpha=abc"], "Invalid trainer.callbacks.alpha: 'abc'; expected float"),
+    ("yaml-choice", ["--config", lambda p: _bad_callback_yaml(p, "{alpha: 2, nonfinite: ignore}")], _CHOICE),
+    ("yaml-unknown", ["--config", lambda p: _bad_callback_yaml(p, "{alpah: 2}")], _UNKNOWN),
+    (
+        "yaml-type",
+        ["--config", lambda p: _bad_callback_yaml(p, "{alpha: abc}")],
+        "Invalid trainer.callbacks.alpha: 'abc'; expected float",
+    ),
+    (
+        "yaml-class-typo",
+        ["--config", lambda p: _bad_callback_yaml(p, "{alpha: 2}", cls="AdaptiveGradientClippin")],
+        (
+            "Invalid trainer.callbacks: lightning_clip.AdaptiveGradientClippin: module 'lightning_clip' has no "
+            "attribute 'AdaptiveGradientClippin'; did you mean lightning_clip.AdaptiveGradientClipping"
+        ),
+    ),
+    (
+        "optimizer-unknown",
+        ["--config", "smoothed_signsgd", "--optimizer.init_args.betta=0.9"],
+        "Invalid optimizer: betta is not an argument of SmoothedSignSGD; did you mean beta?",
+    ),
+    (
+        "torch-optimizer-unknown",
+        ["--optimizer=torch.optim.Adam", "--optimizer.betta=0.9"],
+        "Invalid optimizer: betta is not an argument of Adam; did you mean betas?",
+    ),
+    (
+        "optimizer-type",
+        ["--config", "smoothed_signsgd", "--optimizer.init_args.lr=fast"],
+        "Invalid optimizer.lr: 'fast'; expected float",
+    ),
+    (
+        "injected-optimizer-unknown",
+        ["--config", "smoothed_normsgd", "--model.optimizer.init_args.betta=0.9"],
+        "Invalid model.optimizer: betta is not an argument of SmoothedNormSGD; did you mean beta?",
+    ),
+    (
+        "injected-optimizer-choice",
+        ["--config", "smoothed_normsgd", "--model.optimizer.norm=l2"],
+        "Invalid model.optimizer.norm: 'l2' is not one of 'global', 'tensor', 'rms'",
+    ),
+    (
+        "scheduler-unknown",
+        ["--lr_scheduler=torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_sise=1"],
+        "Invalid lr_scheduler: step_sise is not an argument of StepLR; did you mean step_size?",
+    ),
+    (
+        "logger-unknown",
+        ["--trainer.logger.init_args.save_dri=x"],
+        "Invalid trainer.logger: save_dri is not an argument of TensorBoardLogger; did you mean save_dir?",
+    ),
+    (
+        "unknown-no-close-name",
+        ["--trainer.callbacks.zzz=1"],
+        "Invalid trainer.callbacks: zzz is not an argument of AdaptiveGradientClipping; it takes alpha, beta, mode,",
+    ),
+    ("trainer-choice", ["--trainer.precision=7"], "Invalid trainer.precision: '7' is not one of 64, 32, 16, "),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"), [c[1:] for c in _BAD_CLASS_SETTINGS], ids=[c[0] for c in _BAD_CLASS_SETTINGS]
+)
+def test_bad_class_setting_names_the_key_the_value_and_what_is_accepted(args, expected, tmp_path, capsys, monkeypatch):
+    """A wrong choice, type or key of a callback, an optimizer, the scheduler or the logger, from the command line
+    or a YAML file: one line naming the key, the value and the accepted values (or the closest argument), before
+    anything trains."""
+    monkeypatch.chdir(tmp_path)
+    args = [a(tmp_path) if callable(a) else a for a in args]
+    rc = _main(["fit", *args, "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err[-2000:]
+    assert lines[-1].startswith(f"lightning-clip: error: {expected}"), lines[-3:]
+    if expected.endswith(("?", "float", "'error'", "'rms'")):  # the whole message, then only the pointer to --help
+        assert re.fullmatch(r"( \(see: .* --help\))?", lines[-1][len(f"lightning-clip: error: {expected}") :])
+    assert "expected None" not in err and "NestedArg" not in err and "Traceback" not in err
+    assert not glob.glob(str(tmp_path / "**" / "events.*"), recursive=True)  # nothing trained, nothing logged
+
+
+def test_wrong_choice_from_the_console_script(tmp_path):
+    """The issue's command, as the installed script runs it."""
+    out = _console(["fit", "--trainer.callbacks.nonfinite=ignore"], tmp_path, env={"PYTHONPATH": ROOT})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == f"lightning-clip: error: {_CHOICE} (see: lightning-clip fit --help)"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_valid_class_settings_still_parse(capsys):
+    """The checks reject nothing valid: every argument of the callback and the optimizer given at once."""
+    with pytest.raises(SystemExit) as exc:
+        build_cli(
+            [
+                "fit",
+                "--config",
+                os.path.join(ROOT, "configs", "smoothed_signsgd.yaml"),
+                "--trainer.callbacks.nonfinite=skip",
+                "--trainer.callbacks.mode=norm",
+                "--trainer.callbacks.clip_val=2",
+                "--trainer.callbacks.foreach=false",
+                "--trainer.callbacks.histogram_every_n_steps=5",
+                "--optimizer.init_args.beta=0.8",
+                "--optimizer.weight_decay=0.01",
+                "--print_config",
+            ]
+        )
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    cb = printed["trainer"]["callbacks"][0]["init_args"]
+    assert (cb["nonfinite"], cb["mode"], cb["clip_val"], cb["foreach"], cb["histogram_every_n_steps"]) == (
+        "skip",
+        "norm",
+        2.0,
+        False,
+        5,
+    )
+    assert printed["optimizer"]["init_args"]["beta"] == 0.8
+    assert printed["optimizer"]["init_args"]["weight_decay"] == 0.01
+
+
+# ------------------------------------------------------------------ validate / test / predict on the held-out split
+@pytest.fixture(scope="module")
+def held_out():
+    """mnist1d's held-out split, generated here directly (not through lightning_clip.demo)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    data = make_dataset(get_dataset_args())
+    return torch.as_tensor(data["x_test"], dtype=torch.float32), torch.as_tensor(data["y_test"]).long()
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A short fit of the demo that leaves a checkpoint: (its path, the network rebuilt from it in plain torch)."""
+    root = tmp_path_factory.mktemp("fit")
+    build_cli(
+        [
+            "fit",
+            "--config",
+            os.path.join(ROOT, "configs", "demo.yaml"),
+            *_quick(root),
+            "--trainer.enable_checkpointing=true",
+        ]
+    )
+    (ckpt,) = glob.glob(str(root / "**" / "*.ckpt"), recursive=True)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    net = nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
+    net.load_state_dict({k[len("net.") :]: v for k, v in state.items()})
+    return ckpt, net.eval()
+
+
+def _eval_args(tmp_path, ckpt: str, *more: str) -> list[str]:
+    return [
+        "--config",
+        os.path.join(ROOT, "configs", "demo.yaml"),
+        f"--ckpt_path={ckpt}",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        *more,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("more", "n"),
+    [
+        ([], 1000),
+        (["--data.eval_batch_size=300", "--trainer.limit_test_batches=2", "--trainer.limit_val_batches=2"], 600),
+    ],
+    ids=["whole-split", "two-batches-of-300"],
+)
+def test_test_and_validate_report_the_checkpoints_loss_and_accuracy_on_the_held_out_split(
+    more, n, fitted, held_out, tmp_path, capsys
+):
+    """``lightning-clip test`` (and ``validate``) from a checkpoint: the printed and logged loss and accuracy are the
+    checkpoint's network's on the first ``n`` held-out sequences, computed here in plain torch."""
+    ckpt, net = fitted
+    x, y = held_out
+    with torch.no_grad():
+        logits = net(x[:n])
+    want_loss = float(nn.functional.cross_entropy(logits, y[:n]))
+    want_acc = float((logits.argmax(-1) == y[:n]).double().mean())
+    assert 0.0 < want_acc < 1.0
+    for stage, prefix in (("test", "test"), ("validate", "val")):
+        capsys.readouterr()
+        cli = build_cli([stage, *_eval_args(tmp_path, ckpt, *more)])
+        printed = dict(re.findall(rf"({prefix}/(?:loss|acc))\s+([-+0-9.eE]+)", capsys.readouterr().out))
+        logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+        for metrics in (printed, logged):
+            assert float(metrics[f"{prefix}/loss"]) == pytest.approx(want_loss, rel=1e-5), (stage, metrics)
+            assert float(metrics[f"{prefix}/acc"]) == pytest.approx(want_acc, abs=1e-6), (stage, metrics)
+
+
+def test_predict_saves_one_class_per_held_out_example(fitted, held_out, tmp_path):
+    """``lightning-clip predict`` as the installed script runs it: the classes of all 1000 held-out sequences, in
+    order, equal to the checkpoint's network applied directly; the same in batches of 300 (the last one short)."""
+    ckpt, net = fitted
+    x, _ = held_out
+    with torch.no_grad():
+        want = net(x).argmax(-1)
+    path = tmp_path / "predictions.pt"
+    out = _console(["predict", *_eval_args(tmp_path, ckpt)], tmp_path, env={"PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Predictions: {len(x)} classes saved to {path}" in out.stdout
+    predictions = torch.load(path)
+    assert predictions.shape == (len(x),) == (1000,)
+    assert torch.equal(predictions, want)
+    path.unlink()
+    assert _main(["predict", *_eval_args(tmp_path, ckpt, "--data.eval_batch_size=300")]) == 0
+    assert torch.equal(torch.load(path), want)
