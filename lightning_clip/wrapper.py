@@ -8,6 +8,7 @@ package's layout on its first call). The rule, its state and the per-step logic 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from lightning_clip._validation import check_choice, check_kernel_choice, check_str
 from lightning_clip.functional import (
@@ -34,6 +36,21 @@ from lightning_clip.functional import (
 __all__ = ["AdaptiveClippingOptimizer", "log_clipping"]
 
 _CLIPPING_KEY = "clipping"
+
+#: The hook tables of ``torch.optim.Optimizer``. Like torch's own optimizers, the wrapper does not carry them into a
+#: copy or a pickle (torch's ``Optimizer.__getstate__`` keeps only ``defaults``, ``state`` and ``param_groups``).
+_HOOK_TABLES = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+#: What lives on the instance for the process only: ``step`` is the per-instance patch of an lr scheduler
+#: (``torch.optim.lr_scheduler`` wraps ``optimizer.step`` in a function bound to this object by a weak reference, so a
+#: copy of it would step the original) and ``_opt_called`` its flag; ``_zero_grad_profile_name`` is rebuilt.
+_NOT_COPIED = ("step", "_opt_called", "_zero_grad_profile_name", *_HOOK_TABLES)
 
 
 class AdaptiveClippingOptimizer(Optimizer):
@@ -55,7 +72,9 @@ class AdaptiveClippingOptimizer(Optimizer):
     **An optimizer to the ecosystem.** :attr:`param_groups`, :attr:`state` and :attr:`defaults` *are* the wrapped
     optimizer's (the same objects), so ``torch.optim.lr_scheduler`` schedulers, per-group learning rates,
     :meth:`zero_grad` and :meth:`add_param_group` act on it, and step hooks registered on the wrapper run around the
-    clipping and the step. :meth:`state_dict` is the wrapped optimizer's state dict plus one key, ``"clipping"``
+    clipping and the step (torch's global optimizer hooks, ``register_optimizer_step_pre_hook`` / ``_post_hook``,
+    once per step with the wrapper as the optimizer; hooks registered on the wrapped optimizer run around its own
+    step). :meth:`state_dict` is the wrapped optimizer's state dict plus one key, ``"clipping"``
     (the settings and the state: the average ``m``, the counts), made of plain Python values and CPU tensors: it
     loads with ``torch.load(weights_only=True)`` and a resume continues bit for bit.
 
@@ -66,9 +85,34 @@ class AdaptiveClippingOptimizer(Optimizer):
     neither clipped nor counted. The wrapper does not claim ``_step_supports_amp_scaling``, so a fused wrapped
     optimizer (``Adam(fused=True)``) steps on gradients the scaler already unscaled.
 
-    **Closures.** ``step(closure)`` evaluates the closure once (under ``torch.enable_grad()``), clips, then steps
-    the wrapped optimizer without it. Optimizers that evaluate their closure several times per step (``LBFGS``) are
-    not supported.
+    **Closures.** For an optimizer whose ``step`` takes an optional closure (``SGD``, ``Adam``, ...),
+    ``step(closure)`` evaluates the closure once (under ``torch.enable_grad()``), clips, then steps the wrapped
+    optimizer without it. An optimizer whose ``step`` *requires* a closure (its ``closure`` parameter has no default,
+    as ``torch.optim.LBFGS``) evaluates it as often as it likes: the wrapper passes it a closure that runs the user's
+    closure and clips the gradients it produced, on every evaluation. Every evaluation of one :meth:`step` is clipped
+    at the threshold of the state *before* that step, and the rule's state (the average ``m``, the counts) and
+    :attr:`steps` advance once per :meth:`step`, with the norm of the first evaluation: the gradient at the current
+    parameters, the one a closure-free optimizer would be clipped on (the later evaluations are at the trial points
+    of the optimizer's own search). :attr:`last_stats` is the first evaluation's too. Such an optimizer's
+    ``step()`` without a closure raises a ``TypeError``.
+
+    **Failed steps.** A :meth:`step` that raises (sparse gradients, which the wrapper refuses; ``nonfinite="error"``;
+    the wrapped optimizer or the closure raising) is not counted in :attr:`steps`, and the clipping state and
+    :attr:`last_stats` are left as they were before it (the gradients may have been clipped already). For that,
+    each step first copies the state's 0-d tensors (one ``torch.stack`` per dtype, two small device copies), without
+    a host synchronisation.
+
+    **Copies, pickles, hooks, compile.** ``copy.deepcopy`` and ``pickle`` copy the wrapped optimizer, the rule and the
+    clipping state (the average, the counts, :attr:`steps`), and a copy steps itself (its own parameters), also when
+    an lr scheduler had patched the original's ``step``. As for torch's optimizers (``Optimizer.__getstate__``), the
+    registered hooks and the scheduler's patch are not copied: attach schedulers and hooks to the copy. The
+    checkpoint hooks (``register_state_dict_pre_hook``, ``register_state_dict_post_hook``,
+    ``register_load_state_dict_pre_hook``, ``register_load_state_dict_post_hook``, with ``prepend``) run as torch's
+    optimizers run them, around the whole state dict (``"clipping"`` included), with the wrapper as the optimizer;
+    the wrapped optimizer's own hooks run inside. ``torch.compile(opt.step)`` (torch's recipe for compiled
+    optimizers) gives the eager results; the CPU fast path's read of the clip coefficient and ``nonfinite="skip"``
+    / ``"error"`` are graph breaks, and :attr:`steps` is a Python int counted after the step succeeded (dynamo
+    replays the increment), while the rule's counts are device tensors.
 
     **With Lightning.** A ``LightningModule`` may return it from ``configure_optimizers`` (``return
     AdaptiveClippingOptimizer(torch.optim.Adam(self.parameters(), lr=1e-3), alpha=3.8)``) instead of using the
@@ -104,7 +148,8 @@ class AdaptiveClippingOptimizer(Optimizer):
         last_stats: what the last step measured and did (:class:`~lightning_clip.functional.ClipStats`: ``norm``,
             ``threshold``, ``coef``, ``clipped``, ``finite`` as 0-d device tensors, read without a sync), ``None``
             before the first step or when no parameter had a gradient.
-        steps: the number of :meth:`step` calls that ran (a step a ``GradScaler`` skipped is not one).
+        steps: the number of :meth:`step` calls that completed (a step that raised, or one a ``GradScaler``
+            skipped, is not one; a closure optimizer's step counts once however often it evaluated the closure).
 
     Raises:
         TypeError: naming the argument and its value: an ``optimizer`` that is not a ``torch.optim.Optimizer``, or a
@@ -162,6 +207,7 @@ class AdaptiveClippingOptimizer(Optimizer):
         # the mutable part lives in one object, so that Lightning's and Fabric's optimizer wrappers (which copy
         # this instance's __dict__) share it
         self._clip = _ClipSlot()
+        self._closure_optimizer = _requires_closure(optimizer)
 
     # ------------------------------------------------------------------ the wrapped optimizer's own objects
     @property
@@ -220,51 +266,150 @@ class AdaptiveClippingOptimizer(Optimizer):
         settings = ", ".join(f"{k}={v!r}" for k, v in asdict(self.rule).items())
         return f"{type(self).__name__}({self.optimizer!r}, {settings}, nonfinite={self.nonfinite!r})"
 
-    def __getstate__(self) -> dict[str, Any]:  # copy / pickle the wrapper itself, not Optimizer's fields
-        return self.__dict__.copy()
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` carry: the wrapped optimizer, the settings and the clipping state;
+        not the hooks nor an lr scheduler's patch of ``step`` (bound to this object), as for torch's optimizers."""
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild a copy: empty hook tables and the class's hooked ``step``, as ``Optimizer.__setstate__`` does."""
         self.__dict__.update(state)
+        for name in _HOOK_TABLES:
+            if name not in self.__dict__:
+                setattr(self, name, OrderedDict())
+        if "_closure_optimizer" not in self.__dict__:
+            self._closure_optimizer = _requires_closure(self.optimizer)
         self._patch_step_function()
 
     # ------------------------------------------------------------------------------------------- the step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Evaluate ``closure`` (when given), clip the gradients of every parameter of the wrapped optimizer by the
-        rule, then step the wrapped optimizer.
+        """Clip the gradients of every parameter of the wrapped optimizer by the rule, then step the wrapped
+        optimizer.
+
+        With a closure and an optimizer whose ``step`` takes an optional one, the closure is evaluated once (under
+        ``torch.enable_grad()``) before the clipping. With an optimizer that requires a closure (``LBFGS``), every
+        evaluation the optimizer makes is clipped, at the threshold of the state before this step; the state and
+        :attr:`steps` advance once, with the first evaluation's norm (see the class docstring). A step that raises
+        is not counted and leaves the clipping state as it was.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (``zero_grad`` and ``backward`` included).
 
         Returns:
-            The closure's return value (``None`` without a closure).
+            The closure's return value, or the wrapped optimizer's for a closure optimizer (``None`` without a
+            closure).
+
+        Raises:
+            TypeError: no closure for an optimizer that requires one.
+            RuntimeError: sparse gradients; with ``nonfinite="error"``, a step whose norm is not finite.
         """
+        if self._closure_optimizer:
+            return self._closure_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
-            self._clip_grads()
-        self.optimizer.step()
+        slot = self._clip
+        saved = slot.checkpoint()
+        try:
+            with torch.no_grad():
+                self._clip_grads()
+            self._step_wrapped()
+        except BaseException:
+            slot.restore(saved)
+            raise
+        slot.steps += 1
         return loss
 
-    def _clip_grads(self) -> None:
+    def _closure_step(self, closure: Callable[[], Any] | None) -> Any:
+        """:meth:`step` for an optimizer that requires a closure: it steps on a closure that clips what it computes."""
+        if closure is None:
+            raise TypeError(
+                f"{type(self.optimizer).__name__}.step requires a closure (it re-evaluates the loss); call"
+                " AdaptiveClippingOptimizer.step(closure) with a closure that recomputes the loss and its gradients"
+            )
         slot = self._clip
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        saved = slot.checkpoint()
+        evaluations = 0
+        before: ClipState | None = None  # the state before this step, for the evaluations after the first
+
+        def clipping_closure() -> Any:
+            nonlocal evaluations, before
+            with torch.enable_grad():
+                loss = closure()
+            evaluations += 1
+            where = f"step {slot.steps} (closure evaluation {evaluations})"
+            with torch.no_grad():
+                params = self._params_with_grads()
+                if params:
+                    if before is None:
+                        before = slot.copy_on(params[0].grad.device)
+                    if evaluations == 1:  # the real step's gradient: it advances the state
+                        self._clip_grads(where=where)
+                    else:  # a trial point: clipped at the same threshold, on a scratch copy of the state
+                        self._clip_grads(_copy_state(before), where=where)
+                elif evaluations == 1:
+                    slot.last = None
+            return loss
+
+        try:
+            out = self._step_wrapped(clipping_closure)
+        except BaseException:
+            slot.restore(saved)
+            raise
         slot.steps += 1
-        if not params:
-            slot.last = None
-            return
+        return out
+
+    def _step_wrapped(self, *args: Any) -> Any:
+        """The wrapped optimizer's ``step`` (its own hooks and an lr scheduler's patch included), without torch's
+        global optimizer hooks (``register_optimizer_step_pre_hook`` / ``_post_hook``): they ran around this
+        wrapper's step already, and run once per step, as for any torch optimizer."""
+        pre = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
+        post = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
+        if not pre and not post:  # the usual case: nothing to hold back
+            return self.optimizer.step(*args)
+        held = [(table, table.copy()) for table in (pre, post) if table]
+        for table, _ in held:
+            table.clear()
+        try:
+            return self.optimizer.step(*args)
+        finally:
+            for table, hooks in held:
+                added = table.copy()  # a hook registered during the step comes after the others
+                table.clear()
+                table.update(hooks)
+                table.update(added)
+
+    def _params_with_grads(self) -> list[Tensor]:
+        """The wrapped optimizer's parameters that have a gradient (refusing sparse gradients)."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("AdaptiveClippingOptimizer does not support sparse gradients")
-        state = slot.state_on(params[0].grad.device)
-        slot.last = clip_step_(
+        return params
+
+    def _clip_grads(self, scratch: ClipState | None = None, *, where: str | None = None) -> None:
+        """Clip the gradients by the rule. Without ``scratch``: with the live state, which advances, and
+        :attr:`last_stats` is set; with ``scratch``: with that state (advanced instead), the live one untouched."""
+        slot = self._clip
+        params = self._params_with_grads()
+        if not params:
+            if scratch is None:
+                slot.last = None
+            return
+        state = slot.state_on(params[0].grad.device) if scratch is None else scratch
+        stats = clip_step_(
             params,
             state,
             self.rule,
             nonfinite=self.nonfinite,
             foreach=self.foreach,
             fused=self.fused,
-            where=f"step {slot.steps - 1}",
+            where=f"step {slot.steps}" if where is None else where,
             owner="AdaptiveClippingOptimizer",
             names=self._param_names,
         )
+        if scratch is None:
+            slot.last = stats
 
     def _param_names(self) -> dict[int, str]:
         """``param_names`` of the groups when the optimizer was built from ``named_parameters()`` (torch >= 2.6),
@@ -289,7 +434,14 @@ class AdaptiveClippingOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's state dict plus ``"clipping"``: ``{"rule": settings, "nonfinite": str,
         "steps": int, "state": {name: CPU tensor}}`` (``"state"`` empty before the first step). Plain Python values
-        and tensors only: it loads with ``torch.load(weights_only=True)``."""
+        and tensors only: it loads with ``torch.load(weights_only=True)``.
+
+        The state-dict hooks registered on the wrapper run as torch's optimizers run them: the pre hooks
+        (``hook(optimizer)``) first, the post hooks (``hook(optimizer, state_dict)``, which may return a new state
+        dict) on the whole dict, ``"clipping"`` included; the wrapped optimizer's own hooks run inside.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         saved = dict(self.optimizer.state_dict())
         saved[_CLIPPING_KEY] = {
             "rule": asdict(self.rule),
@@ -297,6 +449,10 @@ class AdaptiveClippingOptimizer(Optimizer):
             "steps": self._clip.steps,
             "state": self._clip.saved(),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, saved)
+            if result is not None:
+                saved = result
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -306,10 +462,23 @@ class AdaptiveClippingOptimizer(Optimizer):
         depends on; ``alpha``, ``max_norm``, ``clip_val``, ``warmup_steps`` and ``nonfinite`` may change on resume);
         otherwise a warning names both and the clipping starts from a fresh state. A plain optimizer state dict
         (without ``"clipping"``) loads into the wrapped optimizer, and the clipping starts fresh.
+
+        As in torch's optimizers, the load pre hooks (``hook(optimizer, state_dict)``) get a shallow copy of
+        ``state_dict`` (``"clipping"`` included) and may return the one to load; the post hooks
+        (``hook(optimizer)``) run once everything is loaded.
         """
-        state_dict = dict(state_dict)
-        clipping = state_dict.pop(_CLIPPING_KEY, None)
-        self.optimizer.load_state_dict(state_dict)
+        state_dict = dict(state_dict)  # shallow copy, as torch's optimizers take it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        clipping = state_dict.get(_CLIPPING_KEY)
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != _CLIPPING_KEY})
+        self._load_clipping(clipping)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_clipping(self, clipping: dict[str, Any] | None) -> None:
         slot = self._clip
         slot.reset()
         if clipping is None:
@@ -323,10 +492,28 @@ class AdaptiveClippingOptimizer(Optimizer):
                 f" saved with mode={saved['mode']!r}, beta={saved['beta']!r}. The moving average depends on mode and"
                 " beta, so it starts from a fresh state (the threshold is rebuilt from the next steps).",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             return
         slot.loaded = dict(clipping.get("state") or {}) or None
+
+
+def _requires_closure(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` requires a closure (its first parameter has no default, as ``LBFGS.step``): such
+    an optimizer may evaluate it several times per step."""
+    try:
+        parameters = list(inspect.signature(optimizer.step).parameters.values())
+    except (TypeError, ValueError):  # a builtin or an odd callable: treat it as closure-free
+        return False
+    if not parameters:
+        return False
+    first = parameters[0]
+    return first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) and first.default is first.empty
+
+
+def _copy_state(state: ClipState) -> ClipState:
+    """An independent copy of ``state`` (on its device, no host synchronisation)."""
+    return type(state)(**{k: v.clone() for k, v in vars(state).items()})
 
 
 class _ClipSlot:
@@ -347,6 +534,30 @@ class _ClipSlot:
             loaded, self.loaded = self.loaded, None
             self.state = ClipState.zeros(device) if loaded is None else ClipState.from_state_dict(loaded, device)
         return self.state
+
+    def copy_on(self, device: torch.device) -> ClipState:
+        """A copy of the live state (materialised on ``device`` first)."""
+        return _copy_state(self.state_on(device))
+
+    def checkpoint(self) -> tuple[Any, ...]:
+        """What :meth:`restore` needs to undo a step: the slot's fields and a copy of the live state's values (one
+        ``torch.stack`` per dtype of its 0-d tensors, on their device: no host synchronisation)."""
+        values: list[tuple[list[Tensor], Tensor]] = []
+        if self.state is not None:
+            groups: dict[tuple[Any, ...], list[Tensor]] = {}
+            for v in vars(self.state).values():
+                groups.setdefault((v.dtype, v.device, v.shape), []).append(v)
+            values = [(live, torch.stack(live)) for live in groups.values()]
+        return self.state, values, self.loaded, self.last, self.steps
+
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        """Put the slot back as :meth:`checkpoint` found it (the live state's tensors are written in place)."""
+        state, values, self.loaded, self.last, self.steps = saved
+        with torch.no_grad():
+            for live, copies in values:
+                for tensor, copy in zip(live, copies.unbind()):
+                    tensor.copy_(copy)
+        self.state = state
 
     def saved(self) -> dict[str, Tensor]:
         if self.state is not None:

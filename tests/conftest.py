@@ -5,6 +5,9 @@ from __future__ import annotations
 import glob
 import math
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +21,47 @@ os.environ.setdefault("PL_DISABLE_FORK", "1")
 #: FSDP2 (``fully_shard``) runs on CPU only where torch's CPU stream can record events (newer than torch 2.6).
 FSDP2_ON_CPU = hasattr(torch.cpu.Stream, "record_event")
 FSDP2_SKIP_REASON = f"FSDP2 fully_shard on CPU needs torch.cpu.Stream.record_event (torch {torch.__version__} lacks it)"
+
+
+#: What a Trainer earlier in this process may leave in the environment: a child process must start without it.
+_RANK_VARIABLES = {
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "WORLD_SIZE",
+    "GLOBAL_RANK",
+    "GROUP_RANK",
+    "RANK",
+    "MASTER_PORT",
+    "LOCAL_WORLD_SIZE",
+    "PL_GLOBAL_SEED",
+}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python *args`` as the launcher of a multi-process run over gloo: a clean environment (no rank variables
+    of this process), a free ``MASTER_PORT`` (tried again when another process took it before the bind), one thread
+    per process. Asserts that it succeeded."""
+    for _attempt in range(3):
+        base = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+        env = {
+            **base,
+            "PL_DISABLE_FORK": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+            "OMP_NUM_THREADS": "1",
+        }
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+        if "EADDRINUSE" not in proc.stderr:
+            break
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def norm64(tensors) -> float:

@@ -4,30 +4,12 @@ equals the single-process run over the same global batches."""
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-_RANK_VARIABLES = {
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "WORLD_SIZE",
-    "GLOBAL_RANK",
-    "GROUP_RANK",
-    "RANK",
-    "MASTER_PORT",
-    "LOCAL_WORLD_SIZE",
-    "PL_GLOBAL_SEED",
-}
+from tests.conftest import launch
+
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_run.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true", "16-true", "16-mixed")
@@ -35,26 +17,7 @@ PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "64-true", "16-true", "16-mi
 
 def _run(tmp_path, devices: int, batch_size: int) -> dict[str, list[dict]]:
     out = str(tmp_path / f"d{devices}")
-    for _attempt in range(3):  # another process may grab the free port between the check and the bind
-        # a Trainer earlier in this process may have left its rank variables behind: the child must start clean
-        base = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
-        env = {
-            **base,
-            "PL_DISABLE_FORK": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
-            "OMP_NUM_THREADS": "1",
-        }
-        proc = subprocess.run(
-            [sys.executable, SCRIPT, out, str(devices), str(batch_size), *PRECISIONS],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
-        if "EADDRINUSE" not in proc.stderr:
-            break
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch([SCRIPT, out, str(devices), str(batch_size), *PRECISIONS])
     records: dict[str, list[dict]] = {}
     for precision in PRECISIONS:
         records[precision] = []

@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import FSDP2_ON_CPU, FSDP2_SKIP_REASON
+from tests.conftest import FSDP2_ON_CPU, FSDP2_SKIP_REASON, launch
 from tests.lightning_ns import pl
-from tests.test_ddp import _RANK_VARIABLES, _free_port
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_run.py")
 FSDP1_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp1_run.py")
@@ -26,19 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _run_two_processes(script: str, out, names: tuple[str, ...]) -> dict[str, list[dict]]:
-    for _attempt in range(3):  # another process may grab the free port between the check and the bind
-        base = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
-        env = {
-            **base,
-            "PL_DISABLE_FORK": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
-            "OMP_NUM_THREADS": "1",
-        }
-        proc = subprocess.run([sys.executable, script, str(out)], capture_output=True, text=True, timeout=300, env=env)
-        if "EADDRINUSE" not in proc.stderr:
-            break
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch([script, str(out)])
     records = {}
     for name in names:
         records[name] = []
