@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from lightning_clip._scaling import cpu_fast_path, scale_grads_
-from lightning_clip.functional import ClipRule, ClipState, clip_grads_
+from lightning_clip.functional import ClipState, clip_grads_, rule_from_settings
 from lightning_clip.norms import global_grad_norm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -134,7 +134,7 @@ def bench_clipping(sets: dict[str, list[tuple[int, ...]]], rounds: int, inner: i
         grads = [p.grad for p in params]
         one = torch.ones((), dtype=torch.float32)
         norm0 = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-        rule = ClipRule()  # alpha 3.8, beta 0.918
+        rule = rule_from_settings()  # alpha 3.8, beta 0.918
         steady = {fast: ClipState.zeros() for fast in (True, False)}
         for state in steady.values():  # a seeded average: the steady state clips nothing
             state.ema.fill_(norm0)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clip import AdaptiveGradientClipping
-from lightning_clip.functional import ClipRule, ClipState, clip_grads_
+from lightning_clip.functional import ClipState, clip_grads_, rule_from_settings
 
 
 def _median_ms(fns: dict, rounds: int, inner: int) -> dict[str, float]:
@@ -45,7 +45,7 @@ def bench_kernels(rounds: int) -> None:
     for p, g in zip(params, source):
         p.grad = g.clone()
     grads = [p.grad for p in params]
-    rule = ClipRule()  # defaults: alpha 3.8, beta 0.918
+    rule = rule_from_settings()  # defaults: alpha 3.8, beta 0.918
     states = {}
 
     def ours(nonfinite="zero", foreach=None, fused=False):

@@ -12,27 +12,22 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "METRICS": "lightning_clip.callback",
+    # the callback, and the same clipping as an optimizer wrapper (with its TensorBoard helper)
     "AdaptiveGradientClipping": "lightning_clip.callback",
-    "ClipRule": "lightning_clip.functional",
-    "ClipState": "lightning_clip.functional",
-    "ClipStats": "lightning_clip.functional",
-    "clip_grads_": "lightning_clip.functional",
-    "global_grad_norm": "lightning_clip.norms",
-    "SPARSITY_METRICS": "lightning_clip.monitor",
-    "UpdateSparsityMonitor": "lightning_clip.monitor",
-    "OPTIMIZER_REGISTRY": "lightning_clip.optim",
-    "GroupedSmoothedNormSGD": "lightning_clip.optim",
-    "GroupedSmoothedSignSGD": "lightning_clip.optim",
-    "SmoothedNormSGD": "lightning_clip.optim",
-    "SmoothedNormSGDFactory": "lightning_clip.optim",
-    "SmoothedSignSGD": "lightning_clip.optim",
-    "SmoothedSignSGDFactory": "lightning_clip.optim",
-    "create_optimizer": "lightning_clip.optim",
-    "UpdateSparsityTracker": "lightning_clip.sparsity",
-    "update_sparsity": "lightning_clip.sparsity",
     "AdaptiveClippingOptimizer": "lightning_clip.wrapper",
     "log_clipping": "lightning_clip.wrapper",
+    # the rules, for `rule=` (lightning_clip.rule has their formulas)
+    "ClipRule": "lightning_clip.rule",
+    "AdaptiveNorm": "lightning_clip.rule",
+    "FixedNorm": "lightning_clip.rule",
+    "FixedValue": "lightning_clip.rule",
+    # the optimizers, and their forms that build decay / no-decay groups
+    "SmoothedSignSGD": "lightning_clip.optim",
+    "SmoothedNormSGD": "lightning_clip.optim",
+    "GroupedSmoothedSignSGD": "lightning_clip.optim",
+    "GroupedSmoothedNormSGD": "lightning_clip.optim",
+    # update sparsity for runs without clipping
+    "UpdateSparsityMonitor": "lightning_clip.monitor",
 }
 
 __all__ = list(_EXPORTS)
@@ -52,19 +47,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lightning_clip.callback import METRICS, AdaptiveGradientClipping
-    from lightning_clip.functional import ClipRule, ClipState, ClipStats, clip_grads_
-    from lightning_clip.monitor import SPARSITY_METRICS, UpdateSparsityMonitor
-    from lightning_clip.norms import global_grad_norm
-    from lightning_clip.optim import (
-        OPTIMIZER_REGISTRY,
-        GroupedSmoothedNormSGD,
-        GroupedSmoothedSignSGD,
-        SmoothedNormSGD,
-        SmoothedNormSGDFactory,
-        SmoothedSignSGD,
-        SmoothedSignSGDFactory,
-        create_optimizer,
-    )
-    from lightning_clip.sparsity import UpdateSparsityTracker, update_sparsity
+    from lightning_clip.callback import AdaptiveGradientClipping
+    from lightning_clip.monitor import UpdateSparsityMonitor
+    from lightning_clip.optim import GroupedSmoothedNormSGD, GroupedSmoothedSignSGD, SmoothedNormSGD, SmoothedSignSGD
+    from lightning_clip.rule import AdaptiveNorm, ClipRule, FixedNorm, FixedValue
     from lightning_clip.wrapper import AdaptiveClippingOptimizer, log_clipping

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import _lightning as _L
 from lightning_clip._fsdp import FlatShardLayout
+from lightning_clip._persist import RuleStates, rule_entry, saved_identity, spell
 from lightning_clip._validation import check_choice, check_flag, check_int, check_kernel_choice, check_str
 from lightning_clip.dashboard import (
     Layout,
@@ -25,16 +22,15 @@ from lightning_clip.dashboard import (
 from lightning_clip.functional import (
     CLIP_METRIC_KEYS,
     NONFINITE_POLICIES,
-    ClipMode,
-    ClipRule,
     ClipState,
     ClipStats,
     NonFinitePolicy,
     clip_step_,
     window_metrics,
 )
-from lightning_clip.monitor import SPARSITY_METRICS, _SparsityLogging
+from lightning_clip.monitor import SPARSITY_METRICS, _SparsityLogging, log_values
 from lightning_clip.norms import per_tensor_norms
+from lightning_clip.rule import ClipMode, ClipRule, resolve_rule
 from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, _check_relative_to, _check_tol
 
 if TYPE_CHECKING:
@@ -62,27 +58,30 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
     For each optimizer separately, at each real optimizer step ``t`` (once per accumulated batch), with
     ``n_t`` the L2 norm over all the gradients that optimizer holds::
 
-        threshold_t = alpha * m_(t-1)                  (from step 2; step 1 seeds m_1 = n_1)
-        threshold_t = min(threshold_t, max_norm)       (optional cap, every step, the first included)
-        g <- g * min(1, threshold_t / n_t)
-        m_t = beta * m_(t-1) + (1 - beta) * n_t        (raw pre-clip norms of informative steps, 0 < n_t < inf)
+        tau_t = rule.threshold(state_(t-1))            (by default alpha * m_(t-1): AdaptiveNorm)
+        g <- g * min(1, tau_t / n_t)
+        state_t = rule.update(state_(t-1), n_t)
 
+    :mod:`lightning_clip.rule` holds the rules and their formulas: by default the threshold is ``alpha`` times the
+    moving average ``m`` of the pre-clip norms (seeded by the first informative step, bias-corrected over
+    ``warmup_steps``, capped by ``max_norm``); ``mode="norm"`` and ``mode="value"`` (or ``rule=...``) pick others.
     A step whose norm is exactly zero (zero-initialised layers, a frozen warm start, a constant loss) carries no
-    scale: it neither seeds nor moves the average and does not count as a step of the warm-up
-    (:mod:`lightning_clip.functional` has the exact rule, with the bias-corrected average of the warm-up). Complex
-    parameters are supported: their norm is ``torch.nn.utils.clip_grad_norm_``'s (by the modulus ``|z|``).
+    scale: it neither seeds nor moves the average and does not count as a step of the warm-up. Complex parameters
+    are supported: their norm is ``torch.nn.utils.clip_grad_norm_``'s (by the modulus ``|z|``).
 
     **State and checkpoints.** The state of each optimizer (the average ``m``, the count ``k`` of informative steps,
     the logging window) is saved in checkpoints under :attr:`state_key`, which depends on ``log_prefix`` only: one
     callback per prefix and Trainer (two callbacks that differ only in ``log_prefix`` work side by side; two with
     the same prefix would log over each other and Lightning refuses them as duplicate stateful callbacks). The
-    average depends on ``mode`` and ``beta``: a resume with the same ``mode`` and ``beta`` continues the saved state
+    average depends on ``mode`` and ``beta`` (the rule's :meth:`~lightning_clip.rule.ClipRule.identity`): a resume
+    with the same ``mode`` and ``beta`` continues the saved state
     exactly, whatever ``alpha``, ``max_norm``, ``clip_val``, ``warmup_steps`` or ``nonfinite`` are now (changing them
     on resume is how one retunes a run); a resume whose ``mode`` or ``beta`` differ warns once, naming both, and
     starts from a fresh state. Checkpoints hold plain Python values and tensors only (they load with
-    ``torch.load(weights_only=True)``, Lightning's default). States saved by lightning-clip 0.1 (keyed by all the
-    settings) are picked up too. A new ``fit`` that does not resume from a checkpoint starts from a fresh state, as
-    the optimizers Lightning creates for it do: a callback reused across fits (seed or learning-rate loops) carries
+    ``torch.load(weights_only=True)``, Lightning's default). A checkpoint whose clipping state is under another key
+    (a renamed ``log_prefix``) is reported in one warning, and the callback starts fresh. A new ``fit`` that does
+    not resume from a checkpoint starts from a fresh state, as the optimizers Lightning creates for it do: a
+    callback reused across fits (seed or learning-rate loops) carries
     nothing from one run into the next.
 
     The threshold never depends on the current norm, so a spike cannot raise its own ceiling; the average takes
@@ -152,6 +151,11 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         histogram_every_n_steps: when set, every that many optimizer steps (``(batches_that_stepped + 1) % n ==
             0``), write the histogram of the per-tensor (per-layer) pre-clip gradient norms,
             ``{log_prefix}/grad_norm_per_layer``, to the TensorBoard loggers (one host sync on those steps).
+        rule: the clipping rule (:mod:`lightning_clip.rule`: ``AdaptiveNorm``, ``FixedNorm``, ``FixedValue`` or a
+            rule of one's own), instead of the flat arguments ``mode``, ``alpha``, ``beta``, ``clip_val``,
+            ``max_norm``, ``warmup_steps`` (which build the built-in rules and must stay at their defaults when
+            ``rule`` is given). In YAML: ``rule: {class_path: lightning_clip.rule.AdaptiveNorm, init_args: {alpha:
+            2.0}}``.
 
     Raises:
         TypeError: at construction, naming the argument and its value, for a value of the wrong kind: a ``bool``
@@ -188,18 +192,14 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         sparsity_cumulative: bool = False,
         dashboard: bool = True,
         histogram_every_n_steps: int | None = None,
+        rule: ClipRule | None = None,
     ) -> None:
         super().__init__()
-        self.rule = ClipRule(
-            mode=mode, alpha=alpha, beta=beta, clip_val=clip_val, max_norm=max_norm, warmup_steps=warmup_steps
+        # the one source of the rule's settings (plain Python values, numpy scalars converted: they reach
+        # checkpoints); alpha, beta, mode, ... are read-only views of it
+        self._rule = resolve_rule(
+            rule, mode=mode, alpha=alpha, beta=beta, clip_val=clip_val, max_norm=max_norm, warmup_steps=warmup_steps
         )
-        # every setting stored as a plain Python value (numpy scalars converted): they reach checkpoints
-        self.alpha = self.rule.alpha
-        self.beta = self.rule.beta
-        self.mode = self.rule.mode
-        self.clip_val = self.rule.clip_val
-        self.max_norm = self.rule.max_norm
-        self.warmup_steps = self.rule.warmup_steps
         self.nonfinite = check_choice("nonfinite", nonfinite, _POLICIES)
         self.foreach, self.fused = check_kernel_choice(foreach, fused)
         self.log_prefix = check_str("log_prefix", log_prefix)
@@ -212,14 +212,43 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             "histogram_every_n_steps", histogram_every_n_steps, low=1, optional=True
         )
         self._sparsity = _SparsityLogging(self.sparsity_tol, self.sparsity_relative_to, self.sparsity_cumulative)
-        self._states: dict[int, ClipState] = {}
-        self._loaded: dict[int, dict[str, Tensor]] = {}
+        self._states = RuleStates(self._rule, owner=f"{type(self).__name__}(log_prefix={self.log_prefix!r})")
         self._names: list[str] = []
         self._last: dict[int, ClipStats] = {}
         self._stepped_at: dict[int, int] = {}  # the global step of each optimizer's last counted step
-        self._warn = True  # whether this process warns about a checkpoint's state (rank zero only)
         #: the values written at the last logging step, by metric name
         self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------- the settings, read-only
+    @property
+    def rule(self) -> ClipRule:
+        """The clipping rule (:mod:`lightning_clip.rule`)."""
+        return self._rule
+
+    @property
+    def mode(self) -> str:
+        """The rule's name (``"adaptive"``, ``"norm"``, ``"value"`` for the built-in rules)."""
+        return self._rule.mode
+
+    @property
+    def alpha(self) -> float | None:
+        return getattr(self._rule, "alpha", None)
+
+    @property
+    def beta(self) -> float | None:
+        return getattr(self._rule, "beta", None)
+
+    @property
+    def clip_val(self) -> float | None:
+        return getattr(self._rule, "clip_val", None)
+
+    @property
+    def max_norm(self) -> float | None:
+        return getattr(self._rule, "max_norm", None)
+
+    @property
+    def warmup_steps(self) -> int | None:
+        return getattr(self._rule, "warmup_steps", None)
 
     @property
     def state_key(self) -> str:
@@ -236,7 +265,7 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         A saved state is used on resume only when these agree; ``alpha``, ``max_norm``, ``clip_val``,
         ``warmup_steps`` (a count against ``k``) and ``nonfinite`` only decide what is done with the average.
         """
-        return {"mode": self.mode, "beta": self.beta}
+        return self._rule.identity()
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -245,7 +274,7 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         # A new fit starts from a fresh state. Lightning restores a checkpoint's callback states after `setup`
         # (before or after `on_fit_start`, by strategy), so a fit with `ckpt_path` refills it in `load_state_dict`.
         self._reset()
-        self._warn = bool(trainer.is_global_zero)
+        self._states.warn = bool(trainer.is_global_zero)
         if trainer.gradient_clip_val:
             raise ValueError(
                 f"Invalid gradient_clip_val: {float(trainer.gradient_clip_val)!r}; AdaptiveGradientClipping already"
@@ -284,8 +313,8 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         self._names = optimizer_names(trainer.optimizers)
         if self.dashboard:
             write_layout(trainer)
-        scaler = self._scaler(trainer)
-        if scaler is not None and self.mode == "value":
+        scaler = _L.grad_scaler(trainer)
+        if scaler is not None and self._rule.action == "clamp":
             fused = [n for n, o in zip(self._names, trainer.optimizers) if _L.optimizer_handles_unscaling(o)]
             if fused:
                 raise ValueError(
@@ -313,40 +342,25 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             return
         if any(g.is_sparse for g in grads):
             raise RuntimeError("AdaptiveGradientClipping does not support sparse gradients")
-        step = trainer.global_step
-        scaler = self._scaler(trainer)
+        # what the hook needs of the Trainer, read once
+        step, log_step, logging = trainer.global_step, _L.batches_that_stepped(trainer), _L.should_update_logs(trainer)
+        scaler = _L.grad_scaler(trainer)
         grad_scale = (
             _L.scale_tensor(scaler) if scaler is not None and _L.optimizer_handles_unscaling(optimizer) else None
         )
         last = self._last.get(index)
-        if last is not None and self._stepped_at.get(index) == step:
-            # a further evaluation of the closure within one real step (LBFGS runs its closure up to max_iter times;
-            # Lightning calls this hook after each): clip with the bound the step took, count and average nothing
-            clip_step_(
-                params,
-                self._states[index],
-                self.rule,
-                nonfinite=self.nonfinite,
-                scaler_skips=scaler is not None,
-                grad_scale=grad_scale,
-                foreach=self.foreach,
-                fused=self.fused,
-                where=f"global step {step}",
-                names=lambda: {id(p): n for n, p in pl_module.named_parameters()},
-                grads=grads,
-                threshold=last.threshold,
-                update=False,
-            )
-            return
-        self._stepped_at[index] = step
-        if self.histogram_every_n_steps is not None and self._histogram_step(trainer):
+        again = last is not None and self._stepped_at.get(index) == step
+        n = self.histogram_every_n_steps
+        if not again and n is not None and (log_step + 1) % n == 0:
             per_layer = per_tensor_norms(grads).float()  # before clipping; a complex entry by |z|; whole DTensors
-            log_histogram(trainer, self.metric_name("grad_norm_per_layer", index), per_layer, self._step(trainer))
-        state = self._state(index, grads[0].device)
+            log_histogram(trainer, self.metric_name("grad_norm_per_layer", index), per_layer, log_step)
+        state = self._states.get(index, grads[0].device)
+        # a further evaluation of the closure within one real step (LBFGS runs its closure up to max_iter times;
+        # Lightning calls this hook after each): clipped with the bound the step took, counted and averaged nothing
         stats = clip_step_(
             params,
             state,
-            self.rule,
+            self._rule,
             nonfinite=self.nonfinite,
             scaler_skips=scaler is not None,
             grad_scale=grad_scale,
@@ -356,12 +370,26 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             owner="AdaptiveGradientClipping",
             names=lambda: {id(p): n for n, p in pl_module.named_parameters()},
             grads=grads,
+            threshold=last.threshold if again else None,
+            update=not again,
         )
+        if again:
+            return
+        self._stepped_at[index] = step
         self._last[index] = stats
-        if _L.should_update_logs(trainer):
-            self._log(trainer, index, stats, state)
+        if logging:
+            # the one host sync of a logging step; starts a new window. Every series at every logging step, inf and
+            # nan included (TensorBoard draws no point for them): the margin chart needs its value, lower and upper
+            # series at the same steps. threshold = inf on a step with no bound (the seeding step, the warm-up);
+            # grad_norm = inf / nan on a non-finite step.
+            self._write(trainer, index, window_metrics(stats, state, self._rule), log_step)
         if self.log_sparsity:  # arms a copy on logging steps only (after the clipping and a skip)
-            self._sparsity.before_step(trainer, index, optimizer, self.metric_name, self.last_metrics)
+            self._sparsity.before_step(
+                index,
+                optimizer,
+                logging=logging,
+                write=lambda i, values: self._write(trainer, i, values, log_step, keep_nan=False),
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.log_sparsity:
@@ -391,151 +419,68 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
             self.log_prefix,
             trainer.optimizers,
             lambda name, category: clipping_layout(
-                name, category, mode=self.mode, sparsity=self.log_sparsity, cumulative=self.sparsity_cumulative
+                name, category, rule=self._rule, sparsity=self.log_sparsity, cumulative=self.sparsity_cumulative
             ),
         )
 
-    @staticmethod
-    def _step(trainer: pl.Trainer) -> int:
-        return _L.batches_that_stepped(trainer)
-
-    def _histogram_step(self, trainer: pl.Trainer) -> bool:
-        n = self.histogram_every_n_steps
-        return n is not None and (self._step(trainer) + 1) % n == 0
-
-    def _log(self, trainer: pl.Trainer, index: int, stats: ClipStats, state: ClipState) -> None:
-        values = window_metrics(stats, state)  # the one host sync of a logging step; starts a new window
-        # every series at every logging step, inf and nan included (TensorBoard draws no point for them): the margin
-        # chart needs its value, lower and upper series at the same steps. threshold = inf on a step with no bound
-        # (the seeding step, the warm-up); grad_norm = inf / nan on a non-finite step.
-        metrics = {self.metric_name(key, index): value for key, value in values.items()}
-        self.last_metrics.update(metrics)
-        # written straight to the loggers (as LearningRateMonitor does): an optimizer that did not step in a logging
-        # step then leaves no stale value behind, and the step is the one Lightning's own metrics of the batch use
-        step = _L.batches_that_stepped(trainer)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+    def _write(
+        self, trainer: pl.Trainer, index: int, values: dict[str, Any], step: int, *, keep_nan: bool = True
+    ) -> None:
+        """Log ``values`` (metric key -> float or 0-d tensor) of the optimizer at ``index`` at ``step``: the one path
+        of the clipping's and the sparsity's metrics, written straight to the loggers at the step Lightning's own
+        metrics of the batch use."""
+        name = lambda key: self.metric_name(key, index)  # noqa: E731
+        log_values(trainer, values, name, step, self.last_metrics, keep_nan=keep_nan)
 
     # ------------------------------------------------------------- helpers
-    @staticmethod
-    def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
-        return _L.grad_scaler(trainer)
-
     def _index(self, trainer: pl.Trainer, optimizer: Optimizer) -> int:
         for i, opt in enumerate(trainer.optimizers):
             if opt is optimizer:
                 return i
         return 0
 
-    def _state(self, index: int, device: torch.device) -> ClipState:
-        state = self._states.get(index)
-        if state is None:
-            loaded = self._loaded.pop(index, None)
-            state = ClipState.zeros(device) if loaded is None else ClipState.from_state_dict(loaded, device)
-            self._states[index] = state
-        return state
-
     def clip_state(self, index: int = 0) -> ClipState | None:
         """The live state of the optimizer at ``index`` (``None`` before its first step)."""
-        return self._states.get(index)
+        return self._states.live(index)
 
     # ---------------------------------------------------------- checkpoints
     def _reset(self) -> None:
         """Forget every state: the averages, the counts, a state loaded but not used yet, the last metrics."""
-        self._states = {}
-        self._loaded = {}
+        self._states.reset()
         self._last = {}
         self._stepped_at = {}
         self.last_metrics = {}
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"rule": settings, "log_prefix": str, "states": {optimizer index: {name: tensor}}}``: plain Python
-        values and CPU tensors only, so the checkpoint loads with ``torch.load(weights_only=True)``."""
-        states = {i: s.state_dict() for i, s in self._states.items()}
-        states.update({i: s for i, s in self._loaded.items() if i not in states})
-        return {"rule": asdict(self.rule), "log_prefix": self.log_prefix, "states": states}
+        """``{"rule": settings, "identity": what the states depend on, "log_prefix": str, "states": {optimizer
+        index: {name: tensor}}}``: plain Python values and CPU tensors only, so the checkpoint loads with
+        ``torch.load(weights_only=True)``."""
+        return {
+            "rule": rule_entry(self._rule),
+            "identity": self._rule.identity(),
+            "log_prefix": self.log_prefix,
+            "states": self._states.saved(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Take a saved state when its ``mode`` and ``beta`` are this callback's; otherwise warn once, naming both
-        settings, and start from a fresh state."""
+        """Take the saved states when they were saved with this rule's identity (for the built-in rules: ``mode``
+        and ``beta``); otherwise warn once, naming both, and start from a fresh state."""
         self._reset()
-        saved = _saved_identity(state_dict)
-        if saved != self.identity():
-            self._warn_unusable(f"its state was saved with {_spell(saved)}")
-            return
-        self._loaded = {int(i): s for i, s in state_dict["states"].items()}
+        self._states.load(state_dict, state_dict.get("states") or {})
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Find this callback's state in a checkpoint that does not hold it under :attr:`state_key`.
-
-        Lightning passes ``checkpoint["callbacks"][state_key]`` to :meth:`load_state_dict` when it is there. When it
-        is not, a state no other callback of the Trainer claims is taken if it is the only one saved with this
-        callback's ``mode`` and ``beta`` and this is the only such callback: a checkpoint of lightning-clip 0.1 (keyed
-        by every setting: ``AdaptiveGradientClipping{'mode': ..., 'alpha': ..., ...}``) or a renamed ``log_prefix``.
-        Any other saved state is reported (one warning) and the callback starts fresh.
-        """
+        """Report clipping states a checkpoint holds under other keys when it holds none under :attr:`state_key`
+        (a renamed ``log_prefix``, or another version's key) and no callback of the Trainer claims them: the
+        callback starts fresh and one warning names them, so nothing saved is silently dropped."""
         saved = checkpoint.get("callbacks") or {}
         if self.state_key in saved:
             return
         claimed = {cb.state_key for cb in trainer.callbacks}
-        orphans = {k: v for k, v in saved.items() if k not in claimed and _is_clip_state(v)}
-        if not orphans:
-            return  # nothing was saved for this kind of callback: a new callback on resume starts fresh
-        usable = [k for k, v in orphans.items() if _saved_identity(v) == self.identity()]
-        homeless = [
-            cb
-            for cb in trainer.callbacks
-            if isinstance(cb, AdaptiveGradientClipping)
-            and cb.state_key not in saved
-            and cb.identity() == self.identity()
-        ]
-        if len(usable) == 1 and len(homeless) == 1:
-            self.load_state_dict(orphans[usable[0]])
-            return
-        found = "; ".join(f"{k!r} with {_spell(_saved_identity(v))}" for k, v in orphans.items())
-        if not usable:
-            reason = "none of them was saved with this mode and beta"
-        else:
-            reason = "several states or callbacks fit, so no state can be told to be this callback's"
-        self._reset()
-        self._warn_unusable(f"the checkpoint holds other clipping states ({found}) and {reason}")
-
-    def _warn_unusable(self, why: str) -> None:
-        if self._warn:
-            warnings.warn(
-                f"{type(self).__name__}(log_prefix={self.log_prefix!r}) has {_spell(self.identity())}, but {why}."
-                " The moving average depends on mode and beta, so it starts from a fresh state (the threshold is"
-                " rebuilt from the next steps). Resume with the saved mode and beta to keep it.",
-                UserWarning,
-                stacklevel=2,
+        orphans = {k: v for k, v in saved.items() if k not in claimed and saved_identity(v) is not None}
+        if orphans:
+            found = "; ".join(f"{k!r} with {spell(saved_identity(v))}" for k, v in orphans.items())
+            self._states.warn_unusable(
+                f"the checkpoint holds clipping states under keys no callback of this Trainer has ({found})"
             )
-
-
-def _is_clip_state(value: Any) -> bool:
-    """Whether a checkpoint entry looks like a state of this callback (this version's or 0.1's)."""
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("rule"), dict)
-        and isinstance(value.get("states"), dict)
-        and "mode" in value["rule"]
-        and "beta" in value["rule"]
-    )
-
-
-def _saved_identity(state: Any) -> dict[str, Any]:
-    """``{"mode", "beta"}`` of a saved state, normalised as the callback normalises its own (``2`` == ``2.0``)."""
-    if not _is_clip_state(state):
-        return {"mode": None, "beta": None}
-    rule = state["rule"]
-    beta = rule["beta"]
-    try:
-        beta = float(beta)
-    except (TypeError, ValueError):
-        pass
-    return {"mode": rule["mode"], "beta": beta}
-
-
-def _spell(identity: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in identity.items())

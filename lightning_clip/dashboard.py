@@ -32,6 +32,8 @@ from torch.optim import Optimizer
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
+    from lightning_clip.rule import ClipRule
+
 __all__ = [
     "BAND_CHART",
     "CONFIG_TAG",
@@ -97,7 +99,7 @@ def band_section(category: str) -> str:
 
 
 def clipping_layout(
-    name: Callable[[str], str], category: str, *, mode: str, sparsity: bool, cumulative: bool
+    name: Callable[[str], str], category: str, *, rule: ClipRule, sparsity: bool, cumulative: bool
 ) -> Layout:
     """The charts of one optimizer of :class:`~lightning_clip.AdaptiveGradientClipping`, the key chart first.
 
@@ -115,16 +117,16 @@ def clipping_layout(
     Args:
         name: maps a metric key (``"grad_norm"``) to its logged tag (``"clip/grad_norm"``).
         category: the section's title (the tag prefix, e.g. ``"clip"`` or ``"clip/Adam"``).
-        mode: the clipping mode (``"adaptive"``, ``"norm"`` or ``"value"``). In ``"value"`` mode the threshold
-            bounds entries, not the norm, so there is no band: the norm and its average share a chart, the bound
-            gets its own, all in the one section ``category``.
+        rule: the clipping rule. A rule that clamps entries (``FixedValue``) bounds entries, not the norm, so there
+            is no band: the norm and its average share a chart, the bound gets its own, all in the one section
+            ``category``.
         sparsity: add the sparsity chart.
         cumulative: add the cumulative sparsity series to it.
     """
     m = lambda *keys: [tag_regex(name(k)) for k in keys]  # noqa: E731
     layout: Layout = {}
     charts: dict[str, list[Any]] = {}
-    if mode == "value":
+    if rule.action == "clamp":
         charts["grad_norm (spiky) and its moving average grad_norm_ema (smooth); value mode: no norm bound"] = [
             "Multiline",
             m("grad_norm", "grad_norm_ema"),
@@ -133,7 +135,7 @@ def clipping_layout(
     else:
         band = ["Margin", [name("grad_norm"), name("grad_norm_ema"), name("threshold")]]
         layout[band_section(category)] = {BAND_CHART: band}
-        shape = "flat" if mode == "norm" else "smooth"
+        shape = rule.threshold_shape
         charts[f"grad_norm (spiky) vs threshold ({shape}): a spike above the threshold is clipped"] = [
             "Multiline",
             m("grad_norm", "threshold"),

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import _lightning as _L
@@ -30,6 +31,28 @@ SPARSITY_METRICS: dict[str, str] = {
     "update_sparsity": "fraction of the entries (with a gradient) whose update this step was <= tol * lr_g",
     "update_sparsity_cumulative": "fraction of the entries whose movement since the last log was <= tol * sum(lr_g)",
 }
+
+
+def log_values(
+    trainer: pl.Trainer,
+    values: dict[str, float | Tensor],
+    tag: Callable[[str], str],
+    step: int,
+    sink: dict[str, float],
+    *,
+    keep_nan: bool = True,
+) -> dict[str, float]:
+    """Write ``values`` (floats, or 0-d device tensors read back in one host sync) to every logger of ``trainer`` at
+    ``step`` under ``tag(key)``, straight to the loggers (as ``LearningRateMonitor`` does: an optimizer that did not
+    step leaves no stale value behind); ``sink`` gets them too. ``keep_nan=False`` drops the ``nan`` ones."""
+    tensors = [v for v in values.values() if isinstance(v, Tensor)]
+    read = iter(torch.stack([v.to(torch.float32).to(tensors[0].device) for v in tensors]).tolist() if tensors else [])
+    host = {k: next(read) if isinstance(v, Tensor) else float(v) for k, v in values.items()}
+    metrics = {tag(k): v for k, v in host.items() if keep_nan or v == v}
+    sink.update(metrics)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+    return metrics
 
 
 class _SparsityLogging:
@@ -64,35 +87,23 @@ class _SparsityLogging:
                 tracker.start_window()
 
     def before_step(
-        self,
-        trainer: pl.Trainer,
-        index: int,
-        optimizer: Optimizer,
-        name: Callable[[str, int], str],
-        sink: dict[str, float],
+        self, index: int, optimizer: Optimizer, *, logging: bool, write: Callable[[int, dict[str, Tensor]], None]
     ) -> None:
+        """Count the step in the cumulative window; on a logging step, arm the tracker so that its post-hook hands
+        the step's values (0-d device tensors) to ``write(index, values)``, the owner's logging path."""
         tracker = self.tracker(index, optimizer)
         if self.cumulative:
             tracker.count_step()
-        if not _L.should_update_logs(trainer):
+        if not logging:
             return
-        step = _L.batches_that_stepped(trainer)
 
-        def log(t: UpdateSparsityTracker) -> None:
-            keys, values = [], []
-            for key, value in (("update_sparsity", t.pop()), ("update_sparsity_cumulative", t.pop_cumulative())):
-                if value is not None:
-                    keys.append(key)
-                    values.append(value.to(torch.float32))
-            if not values:
-                return
-            host = torch.stack([v.to(values[0].device) for v in values]).tolist()  # one host sync
-            metrics = {name(k, index): v for k, v in zip(keys, host) if v == v}
-            sink.update(metrics)
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        def done(t: UpdateSparsityTracker) -> None:
+            values = {"update_sparsity": t.pop(), "update_sparsity_cumulative": t.pop_cumulative()}
+            found = {k: v for k, v in values.items() if v is not None}
+            if found:
+                write(index, found)
 
-        tracker.arm(on_done=log)
+        tracker.arm(on_done=done)
 
     def end_batch(self) -> None:
         for tracker in self.trackers.values():
@@ -188,7 +199,12 @@ class UpdateSparsityMonitor(*_L.CALLBACK_BASES):
     ) -> None:
         optimizer = getattr(optimizer, "optimizer", optimizer)
         index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-        self._sparsity.before_step(trainer, index, optimizer, self.metric_name, self.last_metrics)
+        step, logging = _L.batches_that_stepped(trainer), _L.should_update_logs(trainer)
+
+        def write(i: int, values: dict[str, Tensor]) -> None:
+            log_values(trainer, values, lambda k: self.metric_name(k, i), step, self.last_metrics, keep_nan=False)
+
+        self._sparsity.before_step(index, optimizer, logging=logging, write=write)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

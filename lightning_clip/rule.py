@@ -52,7 +52,7 @@ from torch import Tensor
 
 from lightning_clip._validation import check_choice, check_int, check_real
 
-__all__ = ["AdaptiveNorm", "ClipMode", "ClipRule", "FixedNorm", "FixedValue", "rule_from_settings"]
+__all__ = ["AdaptiveNorm", "ClipMode", "ClipRule", "FixedNorm", "FixedValue", "resolve_rule", "rule_from_settings"]
 
 ClipMode = Literal["adaptive", "norm", "value"]
 _MODES = ("adaptive", "norm", "value")
@@ -74,6 +74,8 @@ class ClipRule:
     mode: ClassVar[str] = ""
     #: What the step does with the bound: ``"scale"`` (``g <- c_t * g``) or ``"clamp"`` (entries to ``[-tau, tau]``).
     action: ClassVar[Literal["scale", "clamp"]] = "scale"
+    #: How the threshold's series looks on the dashboard (``"smooth"``, ``"flat"``): the chart's title says it.
+    threshold_shape: ClassVar[str] = "smooth"
 
     def init_state(self, device: torch.device | str | None = None) -> RuleState:
         """A fresh state on ``device``."""
@@ -106,9 +108,7 @@ class ClipRule:
         return {}
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(
-            f"{type(self).__name__} is read-only: build a new rule instead of setting {name!r}"
-        )
+        raise AttributeError(f"{type(self).__name__} is read-only: build a new rule instead of setting {name!r}")
 
     def _set(self, **values: Any) -> None:
         for name, value in values.items():
@@ -218,6 +218,7 @@ class FixedNorm(_AveragedNorm):
     """
 
     mode: ClassVar[str] = "norm"
+    threshold_shape: ClassVar[str] = "flat"
     clip_val: float
 
     def __init__(self, clip_val: float, beta: float = 0.918, warmup_steps: int = 0) -> None:
@@ -286,3 +287,54 @@ def rule_from_settings(
         )
     cls = FixedNorm if mode == "norm" else FixedValue
     return cls(clip_val=clip_val, beta=beta, warmup_steps=warmup_steps)
+
+
+#: The flat arguments of the callback and the wrapper, and their defaults.
+FLAT_DEFAULTS: dict[str, Any] = {
+    "mode": "adaptive",
+    "alpha": 3.8,
+    "beta": 0.918,
+    "clip_val": None,
+    "max_norm": None,
+    "warmup_steps": 0,
+}
+
+
+def resolve_rule(
+    rule: ClipRule | None,
+    *,
+    mode: str = "adaptive",
+    alpha: float = 3.8,
+    beta: float = 0.918,
+    clip_val: float | None = None,
+    max_norm: float | None = None,
+    warmup_steps: int = 0,
+) -> ClipRule:
+    """``rule`` when given (the flat arguments then at their defaults), else the rule the flat arguments build
+    (:func:`rule_from_settings`).
+
+    Raises:
+        TypeError: a ``rule`` that is not a :class:`ClipRule`.
+        ValueError: a ``rule`` given together with flat arguments that differ from their defaults.
+    """
+    flat = {
+        "mode": mode,
+        "alpha": alpha,
+        "beta": beta,
+        "clip_val": clip_val,
+        "max_norm": max_norm,
+        "warmup_steps": warmup_steps,
+    }
+    if rule is None:
+        return rule_from_settings(**flat)
+    if not isinstance(rule, ClipRule):
+        raise TypeError(
+            f"Invalid rule: {rule!r}; expected a lightning_clip.rule.ClipRule (AdaptiveNorm, FixedNorm, ...)"
+        )
+    changed = [f"{k}={v!r}" for k, v in flat.items() if v != FLAT_DEFAULTS[k] or type(v) is not type(FLAT_DEFAULTS[k])]
+    if changed:
+        raise ValueError(
+            f"Invalid rule: {rule!r} with {', '.join(changed)}; give either a rule or the flat arguments"
+            " (mode, alpha, beta, clip_val, max_norm, warmup_steps), not both"
+        )
+    return rule

@@ -9,11 +9,9 @@ package's layout on its first call). The rule, its state and the per-step logic 
 from __future__ import annotations
 
 import inspect
-import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -21,17 +19,18 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
+from lightning_clip._persist import RuleStates, rule_entry
 from lightning_clip._validation import check_choice, check_kernel_choice, check_str
 from lightning_clip.functional import (
     NONFINITE_POLICIES,
-    ClipMode,
-    ClipRule,
     ClipState,
     ClipStats,
     NonFinitePolicy,
     clip_step_,
+    record_,
     window_metrics,
 )
+from lightning_clip.rule import ClipMode, ClipRule, resolve_rule
 
 __all__ = ["AdaptiveClippingOptimizer", "log_clipping"]
 
@@ -57,14 +56,10 @@ class AdaptiveClippingOptimizer(Optimizer):
     r"""Wrap a torch optimizer so that its ``step()`` first clips the gradients by the package's rule.
 
     At each call of :meth:`step`, with ``n_t`` the L2 norm over the gradients of every parameter of the wrapped
-    optimizer (all its param groups; the norm ``torch.nn.utils.clip_grad_norm_`` computes)::
-
-        threshold_t = alpha * m_(t-1)                  (from step 2; step 1 seeds m_1 = n_1)
-        threshold_t = min(threshold_t, max_norm)       (optional cap, every step, the first included)
-        g <- g * min(1, threshold_t / n_t)
-        m_t = beta * m_(t-1) + (1 - beta) * n_t        (raw pre-clip norms of informative steps, 0 < n_t < inf)
-
-    then the wrapped optimizer steps. It is the rule of :class:`~lightning_clip.AdaptiveGradientClipping`, run by the
+    optimizer (all its param groups; the norm ``torch.nn.utils.clip_grad_norm_`` computes), the gradients are
+    multiplied by ``min(1, tau_t / n_t)`` with the rule's bound ``tau_t`` (:mod:`lightning_clip.rule` has the
+    formulas; by default ``tau_t = alpha * m_(t-1)``, ``m`` the moving average of the pre-clip norms), then the
+    wrapped optimizer steps. It is the rule of :class:`~lightning_clip.AdaptiveGradientClipping`, run by the
     same code (:func:`lightning_clip.functional.clip_step_`): same defaults, same validation, same meaning of every
     argument, and bit-identical results on the same gradients. With ``nonfinite="zero"`` (the default) a step makes
     no host synchronisation of its own.
@@ -98,9 +93,8 @@ class AdaptiveClippingOptimizer(Optimizer):
 
     **Failed steps.** A :meth:`step` that raises (sparse gradients, which the wrapper refuses; ``nonfinite="error"``;
     the wrapped optimizer or the closure raising) is not counted in :attr:`steps`, and the clipping state and
-    :attr:`last_stats` are left as they were before it (the gradients may have been clipped already). For that,
-    each step first copies the state's 0-d tensors (one ``torch.stack`` per dtype, two small device copies), without
-    a host synchronisation.
+    :attr:`last_stats` are left as they were before it (the gradients may have been clipped already): the rule's state
+    and the window advance only once the wrapped optimizer's step returned.
 
     **Copies, pickles, hooks, compile.** ``copy.deepcopy`` and ``pickle`` copy the wrapped optimizer, the rule and the
     clipping state (the average, the counts, :attr:`steps`), and a copy steps itself (its own parameters), also when
@@ -125,6 +119,9 @@ class AdaptiveClippingOptimizer(Optimizer):
     Args:
         optimizer: the torch optimizer to step (any ``torch.optim.Optimizer``; not another
             ``AdaptiveClippingOptimizer``).
+        rule: the clipping rule (:mod:`lightning_clip.rule`), instead of the flat arguments ``mode``, ``alpha``,
+            ``beta``, ``clip_val``, ``max_norm``, ``warmup_steps``, which build the built-in rules
+            (:func:`~lightning_clip.rule.rule_from_settings`).
         alpha: multiple of the moving average that the norm may reach (``mode="adaptive"``); a finite number > 0.
         beta: decay of the moving average, in ``[0, 1)``.
         mode: ``"adaptive"``, ``"norm"`` (fixed threshold ``clip_val`` on the norm) or ``"value"`` (entries clamped to
@@ -144,7 +141,7 @@ class AdaptiveClippingOptimizer(Optimizer):
 
     Attributes:
         optimizer: the wrapped optimizer.
-        rule: the validated :class:`~lightning_clip.functional.ClipRule`.
+        rule: the rule (:class:`~lightning_clip.rule.ClipRule`).
         last_stats: what the last step measured and did (:class:`~lightning_clip.functional.ClipStats`: ``norm``,
             ``threshold``, ``coef``, ``clipped``, ``finite`` as 0-d device tensors, read without a sync), ``None``
             before the first step or when no parameter had a gradient.
@@ -155,8 +152,9 @@ class AdaptiveClippingOptimizer(Optimizer):
         TypeError: naming the argument and its value: an ``optimizer`` that is not a ``torch.optim.Optimizer``, or a
             value of the wrong kind (``alpha=True``, ``fused="no"``).
         ValueError: naming the argument and its value, for a value out of range, an unknown ``mode`` or
-            ``nonfinite``, a ``clip_val`` that does not fit the mode, ``fused=True`` with ``foreach=True``, or an
-            ``optimizer`` that already is an ``AdaptiveClippingOptimizer`` (double clipping).
+            ``nonfinite``, a ``clip_val`` that does not fit the mode, ``fused=True`` with ``foreach=True``, a
+            ``rule`` given with flat rule arguments, or an ``optimizer`` that already is an
+            ``AdaptiveClippingOptimizer`` (double clipping).
 
     Example::
 
@@ -180,6 +178,7 @@ class AdaptiveClippingOptimizer(Optimizer):
         nonfinite: NonFinitePolicy = "zero",
         foreach: bool | None = None,
         fused: bool = False,
+        rule: ClipRule | None = None,
     ) -> None:
         if isinstance(optimizer, AdaptiveClippingOptimizer):
             raise ValueError(
@@ -199,14 +198,14 @@ class AdaptiveClippingOptimizer(Optimizer):
         self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
         self._patch_step_function()  # step pre/post hooks and the profiler, as for any torch optimizer
         self.optimizer = optimizer
-        self.rule = ClipRule(
-            mode=mode, alpha=alpha, beta=beta, clip_val=clip_val, max_norm=max_norm, warmup_steps=warmup_steps
+        self.rule: ClipRule = resolve_rule(
+            rule, mode=mode, alpha=alpha, beta=beta, clip_val=clip_val, max_norm=max_norm, warmup_steps=warmup_steps
         )
         self.nonfinite: NonFinitePolicy = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)  # type: ignore[assignment]
         self.foreach, self.fused = check_kernel_choice(foreach, fused)
         # the mutable part lives in one object, so that Lightning's and Fabric's optimizer wrappers (which copy
         # this instance's __dict__) share it
-        self._clip = _ClipSlot()
+        self._clip = _ClipSlot(self.rule)
         self._closure_optimizer = _requires_closure(optimizer)
 
     # ------------------------------------------------------------------ the wrapped optimizer's own objects
@@ -227,28 +226,29 @@ class AdaptiveClippingOptimizer(Optimizer):
 
     # ---------------------------------------------------------------------------------- settings and state
     @property
-    def alpha(self) -> float:
-        return self.rule.alpha
-
-    @property
-    def beta(self) -> float:
-        return self.rule.beta
-
-    @property
     def mode(self) -> str:
+        """The rule's name (``"adaptive"``, ``"norm"``, ``"value"`` for the built-in rules)."""
         return self.rule.mode
 
     @property
+    def alpha(self) -> float | None:
+        return getattr(self.rule, "alpha", None)
+
+    @property
+    def beta(self) -> float | None:
+        return getattr(self.rule, "beta", None)
+
+    @property
     def clip_val(self) -> float | None:
-        return self.rule.clip_val
+        return getattr(self.rule, "clip_val", None)
 
     @property
     def max_norm(self) -> float | None:
-        return self.rule.max_norm
+        return getattr(self.rule, "max_norm", None)
 
     @property
-    def warmup_steps(self) -> int:
-        return self.rule.warmup_steps
+    def warmup_steps(self) -> int | None:
+        return getattr(self.rule, "warmup_steps", None)
 
     @property
     def last_stats(self) -> ClipStats | None:
@@ -260,11 +260,10 @@ class AdaptiveClippingOptimizer(Optimizer):
 
     def clip_state(self) -> ClipState | None:
         """The live state (average ``m``, count ``k``, the logging window), ``None`` before the first step."""
-        return self._clip.state
+        return self._clip.states.live()
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in asdict(self.rule).items())
-        return f"{type(self).__name__}({self.optimizer!r}, {settings}, nonfinite={self.nonfinite!r})"
+        return f"{type(self).__name__}({self.optimizer!r}, rule={self.rule!r}, nonfinite={self.nonfinite!r})"
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` carry: the wrapped optimizer, the settings and the clipping state;
@@ -309,16 +308,10 @@ class AdaptiveClippingOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        slot = self._clip
-        saved = slot.checkpoint()
-        try:
-            with torch.no_grad():
-                self._clip_grads()
-            self._step_wrapped()
-        except BaseException:
-            slot.restore(saved)
-            raise
-        slot.steps += 1
+        with torch.no_grad():
+            measured = self._clip_grads()
+        self._step_wrapped()
+        self._clip.count(measured)
         return loss
 
     def _closure_step(self, closure: Callable[[], Any] | None) -> Any:
@@ -329,35 +322,24 @@ class AdaptiveClippingOptimizer(Optimizer):
                 " AdaptiveClippingOptimizer.step(closure) with a closure that recomputes the loss and its gradients"
             )
         slot = self._clip
-        saved = slot.checkpoint()
         evaluations = 0
-        before: ClipState | None = None  # the state before this step, for the evaluations after the first
+        first: tuple[ClipState, ClipStats] | None = None  # the first evaluation: the step's own gradient
 
         def clipping_closure() -> Any:
-            nonlocal evaluations, before
+            nonlocal evaluations, first
             with torch.enable_grad():
                 loss = closure()
             evaluations += 1
             where = f"step {slot.steps} (closure evaluation {evaluations})"
             with torch.no_grad():
-                params = self._params_with_grads()
-                if params:
-                    if before is None:
-                        before = slot.copy_on(params[0].grad.device)
-                    if evaluations == 1:  # the real step's gradient: it advances the state
-                        self._clip_grads(where=where)
-                    else:  # a trial point: clipped at the same threshold, on a scratch copy of the state
-                        self._clip_grads(_copy_state(before), where=where)
-                elif evaluations == 1:
-                    slot.last = None
+                if evaluations == 1:
+                    first = self._clip_grads(where=where)
+                elif first is not None:  # a trial point of the optimizer's search: the step's bound, not counted
+                    self._clip_grads(where=where, threshold=first[1].threshold)
             return loss
 
-        try:
-            out = self._step_wrapped(clipping_closure)
-        except BaseException:
-            slot.restore(saved)
-            raise
-        slot.steps += 1
+        out = self._step_wrapped(clipping_closure)
+        slot.count(first)
         return out
 
     def _step_wrapped(self, *args: Any) -> Any:
@@ -387,16 +369,17 @@ class AdaptiveClippingOptimizer(Optimizer):
             raise RuntimeError("AdaptiveClippingOptimizer does not support sparse gradients")
         return params
 
-    def _clip_grads(self, scratch: ClipState | None = None, *, where: str | None = None) -> None:
-        """Clip the gradients by the rule. Without ``scratch``: with the live state, which advances, and
-        :attr:`last_stats` is set; with ``scratch``: with that state (advanced instead), the live one untouched."""
-        slot = self._clip
+    def _clip_grads(
+        self, *, where: str | None = None, threshold: Tensor | None = None
+    ) -> tuple[ClipState, ClipStats] | None:
+        """Clip the gradients by the rule, without advancing its state (:meth:`_ClipSlot.count` does, once the step
+        succeeded); ``threshold``: the bound to apply instead of the rule's. Returns the state and what was measured,
+        ``None`` when no parameter has a gradient."""
         params = self._params_with_grads()
         if not params:
-            if scratch is None:
-                slot.last = None
-            return
-        state = slot.state_on(params[0].grad.device) if scratch is None else scratch
+            return None
+        slot = self._clip
+        state = slot.states.get(0, params[0].grad.device, place=False)
         stats = clip_step_(
             params,
             state,
@@ -407,9 +390,10 @@ class AdaptiveClippingOptimizer(Optimizer):
             where=f"step {slot.steps}" if where is None else where,
             owner="AdaptiveClippingOptimizer",
             names=self._param_names,
+            threshold=threshold,
+            update=False,
         )
-        if scratch is None:
-            slot.last = stats
+        return state, stats
 
     def _param_names(self) -> dict[int, str]:
         """``param_names`` of the groups when the optimizer was built from ``named_parameters()`` (torch >= 2.6),
@@ -444,10 +428,11 @@ class AdaptiveClippingOptimizer(Optimizer):
             pre_hook(self)
         saved = dict(self.optimizer.state_dict())
         saved[_CLIPPING_KEY] = {
-            "rule": asdict(self.rule),
+            "rule": rule_entry(self.rule),
+            "identity": self.rule.identity(),
             "nonfinite": self.nonfinite,
             "steps": self._clip.steps,
-            "state": self._clip.saved(),
+            "state": self._clip.states.saved().get(0, {}),
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, saved)
@@ -484,18 +469,8 @@ class AdaptiveClippingOptimizer(Optimizer):
         if clipping is None:
             return
         slot.steps = int(clipping.get("steps", 0))
-        rule = clipping.get("rule") or {}
-        saved = {"mode": rule.get("mode"), "beta": rule.get("beta")}
-        if saved != {"mode": self.mode, "beta": self.beta}:
-            warnings.warn(
-                f"AdaptiveClippingOptimizer has mode={self.mode!r}, beta={self.beta!r}, but its clipping state was"
-                f" saved with mode={saved['mode']!r}, beta={saved['beta']!r}. The moving average depends on mode and"
-                " beta, so it starts from a fresh state (the threshold is rebuilt from the next steps).",
-                UserWarning,
-                stacklevel=3,
-            )
-            return
-        slot.loaded = dict(clipping.get("state") or {}) or None
+        state = clipping.get("state")
+        slot.states.load(clipping, {0: state} if state else {})
 
 
 def _requires_closure(optimizer: Optimizer) -> bool:
@@ -511,58 +486,30 @@ def _requires_closure(optimizer: Optimizer) -> bool:
     return first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) and first.default is first.empty
 
 
-def _copy_state(state: ClipState) -> ClipState:
-    """An independent copy of ``state`` (on its device, no host synchronisation)."""
-    return type(state)(**{k: v.clone() for k, v in vars(state).items()})
-
-
 class _ClipSlot:
-    """The mutable part of a wrapper: the live state (made on the gradients' device at the first step), a state
-    loaded but not used yet, the last step's stats, the step count."""
+    """The mutable part of a wrapper: the rule's state (made on the gradients' device at the first step, from a
+    loaded state when there is one), the last step's stats, the step count."""
 
-    def __init__(self) -> None:
-        self.state: ClipState | None = None
-        self.loaded: dict[str, Tensor] | None = None
+    def __init__(self, rule: ClipRule) -> None:
+        self.states = RuleStates(rule, owner="AdaptiveClippingOptimizer")
         self.last: ClipStats | None = None
         self.steps = 0
 
     def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
+        self.states.reset()
+        self.last = None
+        self.steps = 0
 
-    def state_on(self, device: torch.device) -> ClipState:
-        if self.state is None:
-            loaded, self.loaded = self.loaded, None
-            self.state = ClipState.zeros(device) if loaded is None else ClipState.from_state_dict(loaded, device)
-        return self.state
-
-    def copy_on(self, device: torch.device) -> ClipState:
-        """A copy of the live state (materialised on ``device`` first)."""
-        return _copy_state(self.state_on(device))
-
-    def checkpoint(self) -> tuple[Any, ...]:
-        """What :meth:`restore` needs to undo a step: the slot's fields and a copy of the live state's values (one
-        ``torch.stack`` per dtype of its 0-d tensors, on their device: no host synchronisation)."""
-        values: list[tuple[list[Tensor], Tensor]] = []
-        if self.state is not None:
-            groups: dict[tuple[Any, ...], list[Tensor]] = {}
-            for v in vars(self.state).values():
-                groups.setdefault((v.dtype, v.device, v.shape), []).append(v)
-            values = [(live, torch.stack(live)) for live in groups.values()]
-        return self.state, values, self.loaded, self.last, self.steps
-
-    def restore(self, saved: tuple[Any, ...]) -> None:
-        """Put the slot back as :meth:`checkpoint` found it (the live state's tensors are written in place)."""
-        state, values, self.loaded, self.last, self.steps = saved
-        with torch.no_grad():
-            for live, copies in values:
-                for tensor, copy in zip(live, copies.unbind()):
-                    tensor.copy_(copy)
-        self.state = state
-
-    def saved(self) -> dict[str, Tensor]:
-        if self.state is not None:
-            return self.state.state_dict()
-        return {k: v.clone() for k, v in (self.loaded or {}).items()}
+    def count(self, measured: tuple[ClipState, ClipStats] | None) -> None:
+        """A step that succeeded: the rule's state and the window advance with what it measured."""
+        if measured is not None:
+            state, stats = measured
+            record_(state, self.states.rule, stats)
+            self.states.place(0, state)
+            self.last = stats
+        else:
+            self.last = None
+        self.steps += 1
 
 
 # ------------------------------------------------------------------------------------------------- TensorBoard
@@ -621,7 +568,7 @@ def log_clipping(
                 clipping_layout(
                     lambda key, i=index: metric_tag(prefix, names, i, key),
                     metric_tag(prefix, names, index, "").rstrip("/"),
-                    mode=wrapper.mode,
+                    rule=wrapper.rule,
                     sparsity=False,
                     cumulative=False,
                 )
@@ -636,7 +583,7 @@ def log_clipping(
         stats, state = wrapper.last_stats, wrapper.clip_state()
         if stats is None or state is None:
             continue
-        for key, value in window_metrics(stats, state).items():
+        for key, value in window_metrics(stats, state, wrapper.rule).items():
             tag = metric_tag(prefix, names, index, key)
             writer.add_scalar(tag, value, global_step=step)
             out[tag] = value

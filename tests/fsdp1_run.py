@@ -186,7 +186,7 @@ def core(out: str) -> None:
     import torch.distributed as dist
 
     from lightning_clip._fsdp import FlatShardLayout
-    from lightning_clip.functional import ClipRule, ClipState, clip_step_
+    from lightning_clip.functional import ClipState, clip_step_, rule_from_settings
     from lightning_clip.norms import per_tensor_norms
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -199,7 +199,7 @@ def core(out: str) -> None:
         params = list(ours.parameters())  # the optimizer's parameters: flat or original
         layout = FlatShardLayout(ours)
         stats = clip_step_(
-            params, ClipState.zeros(device), ClipRule(mode="norm", clip_val=0.5), grads=layout.grads(params)
+            params, ClipState.zeros(device), rule_from_settings(mode="norm", clip_val=0.5), grads=layout.grads(params)
         )
         torch_norm = theirs.clip_grad_norm_(0.5)
         per = per_tensor_norms(layout.grads(params))
@@ -224,7 +224,7 @@ def core(out: str) -> None:
                 clip_step_(
                     params,
                     ClipState.zeros(device),
-                    ClipRule(),
+                    rule_from_settings(),
                     nonfinite=policy,
                     grads=layout.grads(params),
                     names=lambda m=model: {id(p): n for n, p in m.named_parameters()},
@@ -240,7 +240,7 @@ def core(out: str) -> None:
             clip_step_(
                 params,
                 ClipState.zeros(device),
-                ClipRule(),
+                rule_from_settings(),
                 nonfinite="error",
                 grads=FlatShardLayout(model).grads(params),
                 names=lambda m=model: {id(p): n for n, p in m.named_parameters()},

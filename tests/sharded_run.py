@@ -204,7 +204,7 @@ def core(out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
-    from lightning_clip.functional import ClipRule, ClipState, clip_grads_
+    from lightning_clip.functional import ClipState, clip_grads_, rule_from_settings
     from lightning_clip.norms import global_grad_norm, per_tensor_norms
 
     rank = dist.get_rank()
@@ -243,11 +243,11 @@ def core(out: str) -> None:
     state = ClipState.zeros()
     state.ema.fill_(1.0)
     state.seen.fill_(3)
-    stats = clip_grads_(g, state, ClipRule(alpha=2.0, beta=0.5))
+    stats = clip_grads_(g, state, rule_from_settings(alpha=2.0, beta=0.5))
     record["clip_pre"], record["clip_post"] = float(stats.norm), full_norm64(g)
     # value mode: every entry clamped, the "clipped" decision the same on every rank
     g = build()[:5]
-    stats = clip_grads_(g, ClipState.zeros(), ClipRule(mode="value", clip_val=0.5))
+    stats = clip_grads_(g, ClipState.zeros(), rule_from_settings(mode="value", clip_val=0.5))
     record["value_max"] = max(float(full(t).abs().max()) for t in g)
     record["value_clipped"] = bool(stats.clipped)
     record["value_post"] = float(stats.coef * stats.norm)
@@ -257,7 +257,7 @@ def core(out: str) -> None:
     if rank == 1:
         g[0].to_local()[0, 0] = float("nan")
     state = ClipState.zeros()
-    stats = clip_grads_(g, state, ClipRule())
+    stats = clip_grads_(g, state, rule_from_settings())
     record["nan_norm_finite"] = bool(torch.isfinite(stats.norm))
     record["nan_zeroed"] = all(float(full(t).abs().sum()) == 0.0 for t in g)
     record["nan_seen"] = int(state.seen)
@@ -282,7 +282,7 @@ def core(out: str) -> None:
             clip_step_(
                 params,
                 ClipState.zeros(),
-                ClipRule(),
+                rule_from_settings(),
                 nonfinite="error" if case == "overflow" else case,
                 names=lambda: names,
             )

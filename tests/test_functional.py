@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_clip._scaling import scale_grads_
-from lightning_clip.functional import ClipRule, ClipState, clip_grads_
+from lightning_clip.functional import ClipState, clip_grads_, rule_from_settings
 from lightning_clip.norms import global_grad_norm
 
 
@@ -22,7 +22,7 @@ def _norm64(grads) -> float:
 
 
 def test_alpha_half_constant_gradient_clips_to_half_norm_from_step_two():
-    rule, state = ClipRule(alpha=0.5, beta=0.9), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=0.5, beta=0.9), ClipState.zeros()
     n = 3.0
     for step in range(1, 31):
         grads = _grads_with_norm(n)
@@ -36,7 +36,7 @@ def test_alpha_half_constant_gradient_clips_to_half_norm_from_step_two():
 
 def test_spike_after_fifty_steps_is_held_to_alpha_times_average():
     alpha, beta = 2.0, 0.95
-    rule, state = ClipRule(alpha=alpha, beta=beta), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=alpha, beta=beta), ClipState.zeros()
     gen = torch.Generator().manual_seed(1)
     ref = None
     for step in range(50):
@@ -56,7 +56,7 @@ def test_spike_after_fifty_steps_is_held_to_alpha_times_average():
 
 
 def test_huge_alpha_leaves_gradients_bit_for_bit():
-    rule, state = ClipRule(alpha=1e30, beta=0.5), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=1e30, beta=0.5), ClipState.zeros()
     for step in range(10):
         grads = _grads_with_norm(10.0 ** (step % 4), seed=step)
         before = [g.clone() for g in grads]
@@ -66,7 +66,7 @@ def test_huge_alpha_leaves_gradients_bit_for_bit():
 
 def test_average_matches_float64_reference_and_threshold_never_sees_current_norm():
     alpha, beta = 1.5, 0.8
-    rule, state = ClipRule(alpha=alpha, beta=beta), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=alpha, beta=beta), ClipState.zeros()
     gen = torch.Generator().manual_seed(2)
     m = None
     for step in range(40):
@@ -83,7 +83,7 @@ def test_average_matches_float64_reference_and_threshold_never_sees_current_norm
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_step_is_zeroed_and_never_enters_the_average(bad):
-    rule, state = ClipRule(alpha=2.0, beta=0.9), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=2.0, beta=0.9), ClipState.zeros()
     for step in range(5):
         clip_grads_(_grads_with_norm(1.0, seed=step), state, rule)
     ema, seen = state.ema.clone(), state.seen.clone()
@@ -101,7 +101,7 @@ def test_nonfinite_step_is_zeroed_and_never_enters_the_average(bad):
 
 
 def test_keep_policy_leaves_nonfinite_gradients_untouched():
-    rule, state = ClipRule(alpha=2.0), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=2.0), ClipState.zeros()
     clip_grads_(_grads_with_norm(1.0), state, rule)
     grads = _grads_with_norm(1.0, seed=3)
     grads[0][1, 1] = float("nan")
@@ -112,7 +112,7 @@ def test_keep_policy_leaves_nonfinite_gradients_untouched():
 
 
 def test_first_finite_step_seeds_the_average_when_step_one_is_not_finite():
-    rule, state = ClipRule(alpha=0.5, beta=0.9), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=0.5, beta=0.9), ClipState.zeros()
     grads = _grads_with_norm(1.0)
     grads[0][0, 0] = float("nan")
     clip_grads_(grads, state, rule)
@@ -125,7 +125,7 @@ def test_first_finite_step_seeds_the_average_when_step_one_is_not_finite():
 
 
 def test_max_norm_applies_from_the_first_step():
-    rule, state = ClipRule(alpha=3.0, beta=0.9, max_norm=2.0), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=3.0, beta=0.9, max_norm=2.0), ClipState.zeros()
     grads = _grads_with_norm(50.0)
     stats = clip_grads_(grads, state, rule)
     assert float(stats.threshold) == 2.0
@@ -134,7 +134,7 @@ def test_max_norm_applies_from_the_first_step():
 
 
 def test_warmup_delays_the_adaptive_threshold():
-    rule, state = ClipRule(alpha=0.5, beta=0.9, warmup_steps=3), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=0.5, beta=0.9, warmup_steps=3), ClipState.zeros()
     norms = []
     for step in range(6):
         grads = _grads_with_norm(2.0, seed=step)
@@ -151,7 +151,7 @@ def test_norm_mode_reaches_the_bound_like_torch(i):
     for p, g in zip(params, grads):
         p.grad = g.clone()
     torch.nn.utils.clip_grad_norm_(params, 1.0 / i, foreach=True)
-    stats = clip_grads_(grads, ClipState.zeros(), ClipRule(mode="norm", clip_val=1.0 / i))
+    stats = clip_grads_(grads, ClipState.zeros(), rule_from_settings(mode="norm", clip_val=1.0 / i))
     assert _norm64(grads) == pytest.approx(1.0 / i, rel=1e-6)
     for p, g in zip(params, grads):
         torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-9)
@@ -160,7 +160,7 @@ def test_norm_mode_reaches_the_bound_like_torch(i):
 
 def test_repeated_clipping_stays_finite_and_bf16_accumulates_in_float32():
     grads = [g.to(torch.bfloat16) for g in _grads_with_norm(300.0, shapes=((64, 64), (4096,)))]
-    state, rule = ClipState.zeros(), ClipRule(alpha=0.5, beta=0.5)
+    state, rule = ClipState.zeros(), rule_from_settings(alpha=0.5, beta=0.5)
     for _ in range(100):
         stats = clip_grads_(grads, state, rule)
         assert stats.norm.dtype == torch.float32 and bool(stats.finite)
@@ -176,7 +176,7 @@ def test_value_mode_matches_torch_clip_grad_value():
         p.grad = g.clone()
     torch.nn.utils.clip_grad_value_(params, 0.3)
     pre = _norm64(grads)
-    stats = clip_grads_(grads, ClipState.zeros(), ClipRule(mode="value", clip_val=0.3))
+    stats = clip_grads_(grads, ClipState.zeros(), rule_from_settings(mode="value", clip_val=0.3))
     for p, g in zip(params, grads):
         assert torch.equal(g, p.grad)
     assert float(stats.coef) == pytest.approx(_norm64(grads) / pre, rel=1e-5)
@@ -201,11 +201,11 @@ def test_foreach_and_loop_kernels_agree(zero):
 
 
 def test_state_round_trip_is_exact():
-    state, rule = ClipState.zeros(), ClipRule(alpha=1.1, beta=0.37)
+    state, rule = ClipState.zeros(), rule_from_settings(alpha=1.1, beta=0.37)
     for step in range(7):
         clip_grads_(_grads_with_norm(1.0 + step, seed=step), state, rule)
     again = ClipState.from_state_dict(state.state_dict())
-    for k, v in vars(state).items():
+    for k, v in state.tensors().items():
         assert torch.equal(v, getattr(again, k))
 
 
@@ -228,7 +228,7 @@ def test_state_round_trip_is_exact():
 )
 def test_bad_settings_raise_naming_argument_and_value(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
-        ClipRule(**kwargs)
+        rule_from_settings(**kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -259,7 +259,7 @@ def test_fused_kernel_matches_the_eager_one_bit_for_bit():
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, equal_nan=True, rtol=0, atol=0)
     # through the rule: the same state and gradients as the eager path
-    s1, s2, rule = ClipState.zeros(), ClipState.zeros(), ClipRule(alpha=0.7, beta=0.5)
+    s1, s2, rule = ClipState.zeros(), ClipState.zeros(), rule_from_settings(alpha=0.7, beta=0.5)
     for step in range(4):
         g1 = _grads_with_norm(1.0 + step, seed=step)
         g2 = [g.clone() for g in g1]
@@ -281,7 +281,7 @@ def test_cpu_fast_path_is_bit_identical_to_the_sync_free_path(dtype, nonfinite, 
 
     torch.manual_seed(0)
     shapes = [(7, 5), (33,), (4, 4, 3), (1,)]
-    rules = [ClipRule(alpha=1.5, beta=0.8, warmup_steps=1), ClipRule(mode="norm", clip_val=0.9)]
+    rules = [rule_from_settings(alpha=1.5, beta=0.8, warmup_steps=1), rule_from_settings(mode="norm", clip_val=0.9)]
     for rule in rules:
         states = {True: ClipState.zeros(), False: ClipState.zeros()}
         for step in range(12):
@@ -306,7 +306,7 @@ def test_cpu_fast_path_is_bit_identical_to_the_sync_free_path(dtype, nonfinite, 
             for field in ("norm", "threshold", "coef", "clipped", "finite"):
                 x, y = getattr(out[True][1], field), getattr(out[False][1], field)
                 assert torch.equal(x, y) or (x.isnan() & y.isnan()).all(), (step, field)
-            for field, value in vars(states[True]).items():
+            for field, value in states[True].tensors().items():
                 assert torch.equal(value, getattr(states[False], field)), (step, field)
         assert int(states[True].clipped) > 0 and int(states[True].nonfinite) == 2
 
@@ -358,14 +358,14 @@ def test_value_mode_accepts_empty_parameters_like_torch():
     for p, g in zip(params, grads):
         p.grad = g.clone()
     torch.nn.utils.clip_grad_value_(params, 0.5)
-    stats = clip_grads_(grads, ClipState.zeros(), ClipRule(mode="value", clip_val=0.5))
+    stats = clip_grads_(grads, ClipState.zeros(), rule_from_settings(mode="value", clip_val=0.5))
     for p, g in zip(params, grads):
         assert torch.equal(g, p.grad)
     assert float(stats.coef) == pytest.approx(math.sqrt(0.25 + 0.01 + 0.25) / math.sqrt(9 + 0.01 + 49), rel=1e-6)
     assert bool(stats.clipped)
     # only empty tensors: nothing to clamp, nothing clipped
     empty = [torch.zeros(0), torch.zeros(2, 0), torch.zeros(0, dtype=torch.complex64)]
-    stats = clip_grads_(empty, ClipState.zeros(), ClipRule(mode="value", clip_val=0.5))
+    stats = clip_grads_(empty, ClipState.zeros(), rule_from_settings(mode="value", clip_val=0.5))
     assert not bool(stats.clipped) and float(stats.coef) == 1.0
 
 
@@ -374,7 +374,7 @@ def test_warmup_average_is_the_bias_corrected_closed_form(warmup):
     """During the warm-up ``m_k = sum_(i<=k) (1 - beta) beta^(k-i) n_i / (1 - beta^k)`` (float64, summed directly),
     then the plain moving average; the threshold applies from step ``warmup + 2`` on."""
     beta, alpha = 0.8, 1e6
-    rule, state = ClipRule(alpha=alpha, beta=beta, warmup_steps=warmup), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=alpha, beta=beta, warmup_steps=warmup), ClipState.zeros()
     norms = [5.0, 0.3, 2.0, 9.0, 1.0, 4.0, 0.7, 3.0, 6.0, 2.5, 1.5, 8.0, 0.9]
     m = None
     for k, n in enumerate(norms, start=1):
@@ -393,12 +393,12 @@ def test_the_docs_state_the_warmup_average_the_code_computes():
     from pathlib import Path
 
     import lightning_clip.callback as callback
-    import lightning_clip.functional as functional
+    import lightning_clip.rule as rule
 
     texts = {
         "README.md": (Path(__file__).parents[1] / "README.md").read_text(),
-        "functional": inspect.getdoc(functional),
-        "ClipRule": inspect.getdoc(ClipRule),
+        "rule": inspect.getdoc(rule),
+        "AdaptiveNorm": inspect.getdoc(rule.AdaptiveNorm),
         "AdaptiveGradientClipping": inspect.getdoc(callback.AdaptiveGradientClipping),
     }
     for where, text in texts.items():

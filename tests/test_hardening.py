@@ -16,22 +16,22 @@ from torch import nn
 
 from lightning_clip import (
     AdaptiveGradientClipping,
-    ClipRule,
-    ClipState,
     GroupedSmoothedNormSGD,
     GroupedSmoothedSignSGD,
     SmoothedNormSGD,
-    SmoothedNormSGDFactory,
     SmoothedSignSGD,
-    SmoothedSignSGDFactory,
     UpdateSparsityMonitor,
-    UpdateSparsityTracker,
-    clip_grads_,
-    create_optimizer,
-    global_grad_norm,
-    update_sparsity,
 )
-from lightning_clip.optim import weight_decay_param_groups
+from lightning_clip.functional import ClipState, clip_grads_
+from lightning_clip.norms import global_grad_norm
+from lightning_clip.optim import (
+    SmoothedNormSGDFactory,
+    SmoothedSignSGDFactory,
+    create_optimizer,
+    weight_decay_param_groups,
+)
+from lightning_clip.rule import rule_from_settings
+from lightning_clip.sparsity import UpdateSparsityTracker, update_sparsity
 from tests.conftest import norm64, regression_loader, trainer_kwargs
 from tests.lightning_ns import pl
 
@@ -169,35 +169,24 @@ def test_resume_with_another_beta_warns_once_naming_the_settings_and_starts_fres
     assert float(cb.clip_state().ema) == pytest.approx(m, rel=1e-5)
 
 
-def test_checkpoint_written_by_the_previous_version_is_picked_up(tmp_path):
+def test_a_state_under_a_key_no_callback_has_is_reported_once_and_the_callback_starts_fresh(tmp_path):
+    """A checkpoint whose clipping state is under another key (a renamed ``log_prefix``, another version's key):
+    nothing is taken silently, one warning names the key and its settings, and the callback starts fresh."""
     first = AdaptiveGradientClipping(alpha=3.0, beta=0.5)
     trainer = _fit(tmp_path, Probe(), [first])
-    path, legacy_path = str(tmp_path / "new.ckpt"), str(tmp_path / "legacy.ckpt")
+    path, moved_path = str(tmp_path / "new.ckpt"), str(tmp_path / "moved.ckpt")
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
     state = checkpoint["callbacks"].pop(first.state_key)
-    del state["log_prefix"]  # lightning-clip 0.1 keyed the state by every setting and stored no prefix
-    legacy_key = (
-        "AdaptiveGradientClipping{'mode': 'adaptive', 'alpha': 3, 'beta': 0.5, 'clip_val': None, 'max_norm': None}"
-    )
-    checkpoint["callbacks"][legacy_key] = state
-    torch.save(checkpoint, legacy_path)
+    checkpoint["callbacks"]["AdaptiveGradientClipping{'log_prefix': 'old'}"] = state
+    torch.save(checkpoint, moved_path)
 
-    model = Probe(loss_weight={8: 1e3})
-    cb = AdaptiveGradientClipping(alpha=1.5, beta=0.5)
+    other = AdaptiveGradientClipping(alpha=1.5, beta=0.8)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        _fit(tmp_path, model, [cb], ckpt_path=legacy_path, max_steps=9)
-    assert not _our_warnings(record)
-    assert model.post[0] == pytest.approx(1.5 * float(state["states"][0]["ema"]), rel=1e-5)
-    assert int(cb.clip_state().seen) == 9
-
-    other = AdaptiveGradientClipping(alpha=1.5, beta=0.8)  # the legacy state does not fit this beta
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        _fit(tmp_path, Probe(), [other], ckpt_path=legacy_path, max_steps=9)
+        _fit(tmp_path, Probe(), [other], ckpt_path=moved_path, max_steps=9)
     ours = _our_warnings(record)
-    assert len(ours) == 1 and "beta=0.5" in ours[0] and "beta=0.8" in ours[0]
+    assert len(ours) == 1 and "beta=0.5" in ours[0] and "beta=0.8" in ours[0] and "'old'" in ours[0]
     assert int(other.clip_state().seen) == 1
 
 
@@ -205,7 +194,7 @@ def test_checkpoint_written_by_the_previous_version_is_picked_up(tmp_path):
 # 2. A degenerate first step must not poison the average
 # ======================================================================================================================
 def test_zero_norm_neither_seeds_nor_drags_the_average():
-    rule, state = ClipRule(alpha=2.0, beta=0.9), ClipState.zeros()
+    rule, state = rule_from_settings(alpha=2.0, beta=0.9), ClipState.zeros()
     zeros = [torch.zeros(3, 4), torch.zeros(5)]
     stats = clip_grads_(zeros, state, rule)
     assert float(stats.norm) == 0.0 and int(state.seen) == 0 and float(state.ema) == 0.0
@@ -265,7 +254,7 @@ def test_warmup_is_not_spent_on_zero_steps_nor_set_by_a_tiny_first_step(tmp_path
 def test_second_fit_with_the_same_callback_starts_from_a_fresh_state(tmp_path):
     cb = AdaptiveGradientClipping(alpha=1.2, beta=0.6)
     _fit(tmp_path, Probe(), [cb])
-    first = {k: v.clone() for k, v in vars(cb.clip_state()).items()}
+    first = {k: v.clone() for k, v in cb.clip_state().tensors().items()}
     assert int(first["seen"]) == 8
 
     pl.seed_everything(1, verbose=False)
@@ -274,7 +263,7 @@ def test_second_fit_with_the_same_callback_starts_from_a_fresh_state(tmp_path):
     pl.seed_everything(1, verbose=False)
     reference_model, reference = Probe(lr=0.05), AdaptiveGradientClipping(alpha=1.2, beta=0.6)
     _fit(tmp_path, reference_model, [reference])
-    for key, value in vars(reference.clip_state()).items():
+    for key, value in reference.clip_state().tensors().items():
         assert torch.equal(value, getattr(cb.clip_state(), key)), key
     for a, b in zip(second_model.parameters(), reference_model.parameters()):
         assert torch.equal(a, b)
@@ -298,7 +287,7 @@ def test_same_callback_object_resumes_its_own_checkpoint_exactly(tmp_path):
     resumed = run(2, cb, ckpt=ckpt)  # the same object resumes: restored, not reset
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-    for key, value in vars(straight_cb.clip_state()).items():
+    for key, value in straight_cb.clip_state().tensors().items():
         assert torch.equal(value, getattr(cb.clip_state(), key)), key
 
 
@@ -325,8 +314,8 @@ BAD = [
     (AdaptiveGradientClipping, dict(mode=1), TypeError, "Invalid mode: 1; expected one of"),
     (AdaptiveGradientClipping, dict(log_prefix=3), TypeError, "Invalid log_prefix: 3; expected a non-empty string"),
     (AdaptiveGradientClipping, dict(histogram_every_n_steps=True), TypeError, "Invalid histogram_every_n_steps: True;"),
-    (ClipRule, dict(alpha=False), TypeError, "Invalid alpha: False;"),
-    (ClipRule, dict(mode="norm", clip_val=float("inf")), ValueError, "Invalid clip_val: inf;"),
+    (rule_from_settings, dict(alpha=False), TypeError, "Invalid alpha: False;"),
+    (rule_from_settings, dict(mode="norm", clip_val=float("inf")), ValueError, "Invalid clip_val: inf;"),
     (UpdateSparsityMonitor, dict(tol=True), TypeError, "Invalid tol: True;"),
     (UpdateSparsityMonitor, dict(cumulative="no"), TypeError, "Invalid cumulative: 'no';"),
     (UpdateSparsityMonitor, dict(relative_to=None), TypeError, "Invalid relative_to: None;"),
@@ -469,7 +458,7 @@ def test_complex_norm_and_clipping_match_torch_clip_grad_norm():
     for foreach in (True, False):
         assert float(global_grad_norm(grads, foreach=foreach)) == pytest.approx(reference, rel=1e-6)
     torch_norm = torch.nn.utils.clip_grad_norm_(params, 1.5, foreach=True)
-    stats = clip_grads_(grads, ClipState.zeros(), ClipRule(mode="norm", clip_val=1.5))
+    stats = clip_grads_(grads, ClipState.zeros(), rule_from_settings(mode="norm", clip_val=1.5))
     assert float(stats.norm) == pytest.approx(float(torch_norm), rel=1e-6)
     for p, g in zip(params, grads):
         torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-7)
@@ -479,7 +468,7 @@ def test_complex_value_clipping_clamps_the_modulus_and_keeps_the_phase():
     z = torch.tensor([3 + 4j, 0.3 - 0.4j, -6j, 0j], dtype=torch.complex64)
     real = torch.tensor([2.0, -0.5, -7.0])
     grads = [z.clone(), real.clone()]
-    clip_grads_(grads, ClipState.zeros(), ClipRule(mode="value", clip_val=1.0))
+    clip_grads_(grads, ClipState.zeros(), rule_from_settings(mode="value", clip_val=1.0))
     expected = torch.tensor([0.6 + 0.8j, 0.3 - 0.4j, -1j, 0j], dtype=torch.complex64)
     torch.testing.assert_close(grads[0], expected)
     assert torch.equal(grads[1], torch.tensor([1.0, -0.5, -1.0]))

@@ -272,7 +272,7 @@ def test_no_host_sync_per_step_at_the_defaults():
                 net[-1].weight.grad[0, 0] = float("nan")  # a non-finite step
         with _no_host_sync():
             sgd.step()  # the whole step: the clipping and SGD's own update
-            adam._clip_grads()  # the clipping of a wrapped Adam (Adam's own CPU step reads its step count)
+            adam._clip.count(adam._clip_grads())  # the clipping of a wrapped Adam (Adam's own CPU step reads its step count)
         adam.optimizer.step()
         sgd.zero_grad()
         adam.zero_grad()

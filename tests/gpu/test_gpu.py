@@ -129,7 +129,7 @@ def test_optimizers_against_their_float64_reference():
 
 
 def test_clipping_benchmark_against_clip_grad_norm_foreach():
-    from lightning_clip.functional import ClipRule, ClipState, clip_grads_
+    from lightning_clip.functional import ClipState, clip_grads_, rule_from_settings
 
     params = [torch.nn.Parameter(torch.randn(1024, 1024, device="cuda")) for _ in range(64)]
     for p in params:
@@ -145,7 +145,7 @@ def test_clipping_benchmark_against_clip_grad_norm_foreach():
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / reps
 
-    state, rule = ClipState.zeros("cuda"), ClipRule(alpha=3.8)
+    state, rule = ClipState.zeros("cuda"), rule_from_settings(alpha=3.8)
     ours = timed(lambda: clip_grads_(grads, state, rule))
     ref = timed(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True))
     print(f"\nclipping on CUDA: callback core {ours * 1e3:.3f} ms, clip_grad_norm_(foreach=True) {ref * 1e3:.3f} ms,"
