@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_clip._scaling import cpu_fast_path
+from lightning_clip.dashboard import CONFIG_TAG
 from tests.lightning_ns import pl
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
@@ -139,3 +142,74 @@ def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
 def _quiet_and_seeded():
     pl.seed_everything(0, verbose=False)
     yield
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization: ``a`` steps every batch, ``b`` every second one."""
+
+    def __init__(self, step_without_backward: bool = False):
+        super().__init__()
+        self.automatic_optimization = False
+        self.a = nn.Linear(8, 1)
+        self.b = nn.Linear(8, 1)
+        self.norms = {"a": [], "b": []}
+        self.step_without_backward = step_without_backward
+
+    def training_step(self, batch, batch_idx):
+        opt_a, opt_b = self.optimizers()
+        x, y = batch
+        if self.step_without_backward:
+            opt_a.step()
+            return
+        loss_a = nn.functional.mse_loss(self.a(x), y)
+        opt_a.zero_grad()
+        self.manual_backward(loss_a)
+        self.norms["a"].append(norm64(p.grad for p in self.a.parameters()))
+        opt_a.step()
+        if batch_idx % 2 == 1:
+            loss_b = nn.functional.mse_loss(self.b(x) * 5, y)
+            opt_b.zero_grad()
+            self.manual_backward(loss_b)
+            self.norms["b"].append(norm64(p.grad for p in self.b.parameters()))
+            opt_b.step()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.a.parameters(), lr=0.01), torch.optim.SGD(self.b.parameters(), lr=0.01)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Any read back to the host raises in the block, which runs with the CPU fast path off: the path that CUDA,
+    MPS and XLA take (on CPU tensors the fast path reads the clip coefficient, a free memory read there, through
+    ``_scaling.cpu_read``; ``test_cpu_fast_path_is_bit_identical_to_the_sync_free_path`` checks both agree)."""
+
+    def boom(*_args, **_kwargs):
+        raise AssertionError("host synchronisation in the per-step path")
+
+    names = ("item", "__float__", "__bool__", "__int__", "tolist")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, boom)
+        with cpu_fast_path(False):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def read_layout(log_dir):
+    """The custom-scalars layout of the run in ``log_dir`` (the first one written, as TensorBoard reads it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layouts = []
+    for path in sorted(glob.glob(os.path.join(str(log_dir), "events.out.tfevents.*"))):
+        acc = EventAccumulator(path, size_guidance={"tensors": 0})
+        acc.Reload()
+        if CONFIG_TAG in acc.Tags()["tensors"]:
+            for event in acc.Tensors(CONFIG_TAG):
+                layout = layout_pb2.Layout()
+                layout.ParseFromString(event.tensor_proto.string_val[0])
+                layouts.append(layout)
+    return layouts

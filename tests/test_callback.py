@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -10,8 +9,15 @@ import torch
 from torch import nn
 
 from lightning_clip import AdaptiveGradientClipping
-from lightning_clip._scaling import cpu_fast_path
-from tests.conftest import TinyRegressor, norm64, read_scalars, regression_loader, trainer_kwargs
+from tests.conftest import (
+    TinyRegressor,
+    TwoOptimizers,
+    no_host_sync,
+    norm64,
+    read_scalars,
+    regression_loader,
+    trainer_kwargs,
+)
 from tests.lightning_ns import pl
 
 CSVLogger, TensorBoardLogger = pl.loggers.CSVLogger, pl.loggers.TensorBoardLogger
@@ -154,25 +160,6 @@ def test_two_instances_share_a_checkpoint(tmp_path):
     assert int(saved[b.state_key]["states"][0]["seen"]) == 3
 
 
-@contextlib.contextmanager
-def _no_host_sync():
-    """Any read back to the host raises in the block, which runs with the CPU fast path off: the path that CUDA,
-    MPS and XLA take (on CPU tensors the fast path reads the clip coefficient, a free memory read there, through
-    ``_scaling.cpu_read``; ``test_cpu_fast_path_is_bit_identical_to_the_sync_free_path`` checks both agree)."""
-
-    def boom(*_args, **_kwargs):
-        raise AssertionError("host synchronisation in the per-step path")
-
-    names = ("item", "__float__", "__bool__", "__int__", "tolist")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, boom)
-        with cpu_fast_path(False):
-            yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def test_no_host_sync_on_non_logging_steps(tmp_path):
@@ -183,7 +170,7 @@ def test_no_host_sync_on_non_logging_steps(tmp_path):
             if trainer._logger_connector.should_update_logs:
                 return super().on_before_optimizer_step(trainer, pl_module, optimizer)
             guarded.append(trainer.global_step)
-            with _no_host_sync():
+            with no_host_sync():
                 return super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     class WithZeroSteps(TinyRegressor):
@@ -204,7 +191,7 @@ def test_no_host_sync_on_non_logging_steps(tmp_path):
     assert len(guarded) == 9 and {0, 5, 6} <= set(guarded)
     assert model.backward_norms[0] == model.backward_norms[6] == 0.0
     assert int(cb.clip_state().seen) == 9  # 12 steps, less the non-finite one and the two zero ones
-    with pytest.raises(AssertionError, match="host synchronisation"), _no_host_sync():
+    with pytest.raises(AssertionError, match="host synchronisation"), no_host_sync():
         bool(torch.tensor(True))  # the guard itself bites
 
 
@@ -257,37 +244,6 @@ def test_frozen_parameters_are_skipped(tmp_path):
     assert model.net[0].weight.grad is None
 
 
-class TwoOptimizers(pl.LightningModule):
-    """Manual optimization: ``a`` steps every batch, ``b`` every second one."""
-
-    def __init__(self, step_without_backward: bool = False):
-        super().__init__()
-        self.automatic_optimization = False
-        self.a = nn.Linear(8, 1)
-        self.b = nn.Linear(8, 1)
-        self.norms = {"a": [], "b": []}
-        self.step_without_backward = step_without_backward
-
-    def training_step(self, batch, batch_idx):
-        opt_a, opt_b = self.optimizers()
-        x, y = batch
-        if self.step_without_backward:
-            opt_a.step()
-            return
-        loss_a = nn.functional.mse_loss(self.a(x), y)
-        opt_a.zero_grad()
-        self.manual_backward(loss_a)
-        self.norms["a"].append(norm64(p.grad for p in self.a.parameters()))
-        opt_a.step()
-        if batch_idx % 2 == 1:
-            loss_b = nn.functional.mse_loss(self.b(x) * 5, y)
-            opt_b.zero_grad()
-            self.manual_backward(loss_b)
-            self.norms["b"].append(norm64(p.grad for p in self.b.parameters()))
-            opt_b.step()
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.a.parameters(), lr=0.01), torch.optim.SGD(self.b.parameters(), lr=0.01)
 
 
 def test_several_optimizers_have_their_own_state_and_series(tmp_path):

@@ -17,11 +17,9 @@ import urllib.request
 import pytest
 
 from lightning_clip import AdaptiveGradientClipping
-from lightning_clip.dashboard import CONFIG_TAG
 from lightning_clip.monitor import UpdateSparsityMonitor
-from tests.conftest import TinyRegressor, read_scalars, regression_loader, trainer_kwargs
+from tests.conftest import TinyRegressor, TwoOptimizers, read_layout, read_scalars, regression_loader, trainer_kwargs
 from tests.lightning_ns import pl
-from tests.test_callback import TwoOptimizers
 
 CSVLogger, TensorBoardLogger = pl.loggers.CSVLogger, pl.loggers.TensorBoardLogger
 
@@ -46,21 +44,6 @@ SPARSITY = "update_sparsity: fraction of entries whose update was negligible"
 SPARSITY_CUMULATIVE = "update_sparsity (this step), update_sparsity_cumulative (since the last log): negligible updates"
 
 
-def read_layout(log_dir):
-    """The custom-scalars layout of the run in ``log_dir`` (the first one written, as TensorBoard reads it)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    layouts = []
-    for path in sorted(glob.glob(os.path.join(str(log_dir), "events.out.tfevents.*"))):
-        acc = EventAccumulator(path, size_guidance={"tensors": 0})
-        acc.Reload()
-        if CONFIG_TAG in acc.Tags()["tensors"]:
-            for event in acc.Tensors(CONFIG_TAG):
-                layout = layout_pb2.Layout()
-                layout.ParseFromString(event.tensor_proto.string_val[0])
-                layouts.append(layout)
-    return layouts
 
 
 def charts(layout):

@@ -13,9 +13,8 @@ from lightning_clip import AdaptiveGradientClipping
 from lightning_clip.monitor import UpdateSparsityMonitor
 from lightning_clip.optim import SmoothedSignSGD
 from lightning_clip.sparsity import UpdateSparsityTracker, negligible_count, update_sparsity
-from tests.conftest import TinyRegressor, read_scalars, regression_loader, trainer_kwargs
+from tests.conftest import TinyRegressor, TwoOptimizers, no_host_sync, read_scalars, regression_loader, trainer_kwargs
 from tests.lightning_ns import pl
-from tests.test_callback import TwoOptimizers, _no_host_sync
 
 CSVLogger, TensorBoardLogger = pl.loggers.CSVLogger, pl.loggers.TensorBoardLogger
 
@@ -181,7 +180,7 @@ def test_no_copy_no_hook_no_host_sync_on_non_logging_steps(tmp_path):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             if trainer._logger_connector.should_update_logs:
                 return super().on_before_optimizer_step(trainer, pl_module, optimizer)
-            with _no_host_sync():
+            with no_host_sync():
                 super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

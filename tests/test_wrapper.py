@@ -29,14 +29,14 @@ from tests.conftest import (
     FSDP2_ON_CPU,
     FSDP2_SKIP_REASON,
     TinyRegressor,
+    no_host_sync,
     norm64,
+    read_layout,
     read_scalars,
     regression_loader,
     trainer_kwargs,
 )
 from tests.lightning_ns import NS, pl
-from tests.test_callback import _no_host_sync
-from tests.test_dashboard import read_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -270,9 +270,10 @@ def test_no_host_sync_per_step_at_the_defaults():
             loss.backward()
             if step == 5:
                 net[-1].weight.grad[0, 0] = float("nan")  # a non-finite step
-        with _no_host_sync():
+        with no_host_sync():
             sgd.step()  # the whole step: the clipping and SGD's own update
-            adam._clip.count(adam._clip_grads())  # the clipping of a wrapped Adam (Adam's own CPU step reads its step count)
+            # the clipping of a wrapped Adam (Adam's own CPU step reads its step count)
+            adam._clip.count(adam._clip_grads())
         adam.optimizer.step()
         sgd.zero_grad()
         adam.zero_grad()
