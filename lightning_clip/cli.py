@@ -144,7 +144,7 @@ def condense_parser_error(message: str) -> str:
 
 #: The report on one class in jsonargparse's list of the union's failures; the first is the class given.
 _CLASS_PROBLEM = re.compile(
-    r"^(?P<indent>[ \t]*)- Problem with given class_path '(?P<cls>[^']+)':[ \t]*$", re.MULTILINE
+    r"^(?P<indent>[ \t]*)(?:- )?Problem with given class_path '(?P<cls>[^']+)':[ \t]*$", re.MULTILINE
 )
 #: The same for a callable argument (``model.optimizer``), which reports on one line ending in ``Namespace(...)``.
 _CALLABLE_PROBLEM = re.compile(
@@ -176,19 +176,24 @@ def _class_problem(message: str) -> tuple[int, str, str] | None:
     return m.start(), m.group("cls"), report
 
 
-def _condense(message: str, outer: list[str], cls: str | None) -> str:
-    """:func:`condense_parser_error` of ``message``, the report on class ``cls`` under the keys ``outer``."""
+def _condense(message: str, outer: list[str], cls: str | None, whole: str | None = None) -> str:
+    """:func:`condense_parser_error` of ``message``, the report on class ``cls`` under the keys ``outer``
+    (``whole``: the whole report it was cut from)."""
     problem = _class_problem(message)
     head = message if problem is None else message[: problem[0]]
     keys = [*outer, *dict.fromkeys(re.findall(r'Parser key "([^"]+)"', head))]
     if problem is not None:
-        return _condense(problem[2], keys, problem[1])
+        return _condense(problem[2], keys, problem[1], whole or message)
     if not keys:
         return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
     key = ".".join(keys)
-    unknown = re.search(r"Option '([^']+)' is not accepted", message)
+    # "Option 'x' is not accepted" (jsonargparse >= 4.3x), "No action for key "x"" (older releases)
+    unknown = re.search(r"Option '([^']+)' is not accepted|No action for key \"([^\"]+)\"", message)
     if cls is not None and unknown is not None:
-        return f"Invalid {key}: {_unknown_argument(unknown.group(1), cls)}"
+        return f"Invalid {key}: {_unknown_argument(unknown.group(1) or unknown.group(2), cls)}"
+    stray = _stray_init_arg(whole or message, cls) if cls is not None else None
+    if stray is not None:  # older releases report the required argument a misspelt one left unset
+        return f"Invalid {key}: {_unknown_argument(stray, cls)}"  # type: ignore[arg-type]
     detail = _value_detail(message)
     if detail is not None:
         return f"Invalid {key}: {detail}"
@@ -197,6 +202,16 @@ def _condense(message: str, outer: list[str], cls: str | None) -> str:
         return f"Invalid {key}: {cls}: {lines[0].strip()}{_missing_class_hint(lines[0])}"
     last = re.sub(r'^(Parser key "[^"]+":\s*)+', "", lines[-1].strip())
     return f"Invalid {key}: {last}"
+
+
+def _stray_init_arg(report: str, cls: str) -> str | None:
+    """A key of the ``init_args`` the report shows as given (``Given value: Namespace(class_path=...,
+    init_args=Namespace(step_sise='3', ...))``) that class ``cls`` does not take, else None."""
+    given = re.search(r"init_args=Namespace\((.*)\)", report)
+    accepted = _init_arguments(cls)
+    if given is None or not accepted:
+        return None
+    return next((k for k in re.findall(r"(?:^|, )(\w+)=", given.group(1)) if k not in accepted), None)
 
 
 def _value_detail(report: str) -> str | None:
