@@ -28,10 +28,10 @@ from lightning_clip.functional import (
     clip_step_,
     window_metrics,
 )
-from lightning_clip.monitor import SPARSITY_METRICS, _SparsityLogging, log_values
+from lightning_clip.monitor import SPARSITY_METRICS, SparsityLogging, log_values
 from lightning_clip.norms import per_tensor_norms
 from lightning_clip.rule import ClipMode, ClipRule, resolve_rule
-from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, _check_relative_to, _check_tol
+from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, check_relative_to, check_tol
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -204,14 +204,14 @@ class AdaptiveGradientClipping(*_L.CALLBACK_BASES):
         self.foreach, self.fused = check_kernel_choice(foreach, fused)
         self.log_prefix = check_str("log_prefix", log_prefix)
         self.log_sparsity = check_flag("log_sparsity", log_sparsity)
-        self.sparsity_tol = _check_tol(sparsity_tol, name="sparsity_tol")
-        self.sparsity_relative_to = _check_relative_to(sparsity_relative_to, name="sparsity_relative_to")
+        self.sparsity_tol = check_tol(sparsity_tol, name="sparsity_tol")
+        self.sparsity_relative_to = check_relative_to(sparsity_relative_to, name="sparsity_relative_to")
         self.sparsity_cumulative = check_flag("sparsity_cumulative", sparsity_cumulative)
         self.dashboard = check_flag("dashboard", dashboard)
         self.histogram_every_n_steps = check_int(
             "histogram_every_n_steps", histogram_every_n_steps, low=1, optional=True
         )
-        self._sparsity = _SparsityLogging(self.sparsity_tol, self.sparsity_relative_to, self.sparsity_cumulative)
+        self._sparsity = SparsityLogging(self.sparsity_tol, self.sparsity_relative_to, self.sparsity_cumulative)
         self._states = RuleStates(self._rule, owner=f"{type(self).__name__}(log_prefix={self.log_prefix!r})")
         self._names: list[str] = []
         self._last: dict[int, ClipStats] = {}

@@ -19,7 +19,7 @@ from lightning_clip.dashboard import (
     sparsity_layout,
     write_layout,
 )
-from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, UpdateSparsityTracker, _check_relative_to, _check_tol
+from lightning_clip.sparsity import DEFAULT_TOL, RelativeTo, UpdateSparsityTracker, check_relative_to, check_tol
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -55,7 +55,7 @@ def log_values(
     return metrics
 
 
-class _SparsityLogging:
+class SparsityLogging:
     """The per-optimizer trackers of a callback and their logging (shared by both callbacks of the package).
 
     On a logging step, :meth:`before_step` arms the optimizer's tracker (a copy of the weights) and the tracker's
@@ -162,12 +162,12 @@ class UpdateSparsityMonitor(*_L.CALLBACK_BASES):
         dashboard: bool = True,
     ) -> None:
         super().__init__()
-        self.tol = _check_tol(tol)
-        self.relative_to = _check_relative_to(relative_to)
+        self.tol = check_tol(tol)
+        self.relative_to = check_relative_to(relative_to)
         self.cumulative = check_flag("cumulative", cumulative)
         self.log_prefix = check_str("log_prefix", log_prefix)
         self.dashboard = check_flag("dashboard", dashboard)
-        self._sparsity = _SparsityLogging(self.tol, self.relative_to, self.cumulative)
+        self._sparsity = SparsityLogging(self.tol, self.relative_to, self.cumulative)
         self._names: list[str] = []
         #: the values written at the last logging step, by metric name
         self.last_metrics: dict[str, float] = {}

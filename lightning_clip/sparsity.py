@@ -81,6 +81,8 @@ __all__ = [
     "DEFAULT_TOL",
     "RelativeTo",
     "UpdateSparsityTracker",
+    "check_relative_to",
+    "check_tol",
     "negligible_count",
     "update_sparsity",
 ]
@@ -95,12 +97,12 @@ DEFAULT_TOL = 0.1
 DEFAULT_MAX_ENTRIES = 2**16
 
 
-def _check_tol(tol: float, *, name: str = "tol") -> float:
+def check_tol(tol: float, *, name: str = "tol") -> float:
     """``tol`` as a plain float: finite and ``>= 0`` (``TypeError``/``ValueError`` naming ``name`` otherwise)."""
     return check_real(name, tol, low=0.0)  # type: ignore[return-value]
 
 
-def _check_relative_to(relative_to: str, *, name: str = "relative_to") -> RelativeTo:
+def check_relative_to(relative_to: str, *, name: str = "relative_to") -> RelativeTo:
     """``"lr"`` or ``"rms"`` (``TypeError``/``ValueError`` naming ``name`` otherwise)."""
     return check_choice(name, relative_to, _RELATIVE)  # type: ignore[return-value]
 
@@ -123,8 +125,8 @@ def negligible_count(
     Returns:
         ``(count, total)``: a 0-d int64 tensor on the device of ``deltas[0]``, and the number of entries.
     """
-    tol = _check_tol(tol)
-    relative_to = _check_relative_to(relative_to)
+    tol = check_tol(tol)
+    relative_to = check_relative_to(relative_to)
     total = sum(d.numel() for d in deltas)
     if total == 0:
         return torch.zeros((), dtype=torch.int64), 0
@@ -296,8 +298,8 @@ class UpdateSparsityTracker:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"Invalid optimizer: {optimizer!r}; expected a torch.optim.Optimizer")
         self.optimizer = optimizer
-        self.tol = _check_tol(tol)
-        self.relative_to = _check_relative_to(relative_to)
+        self.tol = check_tol(tol)
+        self.relative_to = check_relative_to(relative_to)
         self.cumulative = check_flag("cumulative", cumulative)
         self.max_entries = check_int("max_entries", max_entries, low=1, optional=True)
         self._plan: dict[int, _Sampled] | None = None
