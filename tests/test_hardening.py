@@ -24,12 +24,7 @@ from lightning_clip import (
 )
 from lightning_clip.functional import ClipState, clip_grads_
 from lightning_clip.norms import global_grad_norm
-from lightning_clip.optim import (
-    SmoothedNormSGDFactory,
-    SmoothedSignSGDFactory,
-    create_optimizer,
-    weight_decay_param_groups,
-)
+from lightning_clip.optim import weight_decay_param_groups
 from lightning_clip.rule import rule_from_settings
 from lightning_clip.sparsity import UpdateSparsityTracker, update_sparsity
 from tests.conftest import norm64, regression_loader, trainer_kwargs
@@ -331,15 +326,30 @@ BAD = [
     (SmoothedNormSGD, dict(params=_param(), eps=np.float64("nan")), ValueError, "Invalid eps: "),
     (SmoothedNormSGD, dict(params=_param(), norm=None), TypeError, "Invalid norm: None;"),
     (SmoothedNormSGD, dict(params=[{"params": _param(), "lr": "x"}]), TypeError, "Invalid lr of param group 0: 'x';"),
-    (SmoothedSignSGDFactory, dict(lr=float("inf")), ValueError, "Invalid lr: inf;"),
-    (SmoothedSignSGDFactory, dict(no_decay="bias"), TypeError, "Invalid no_decay: 'bias'; expected a sequence"),
-    (SmoothedNormSGDFactory, dict(fused=True, foreach=True), ValueError, "Invalid fused: True;"),
-    (SmoothedNormSGDFactory, dict(exclude_1d="no"), TypeError, "Invalid exclude_1d: 'no';"),
+    (GroupedSmoothedSignSGD, dict(params=_param(), lr=float("inf")), ValueError, "Invalid lr: inf;"),
+    (
+        GroupedSmoothedSignSGD,
+        dict(params=_param(), no_decay="bias"),
+        TypeError,
+        "Invalid no_decay: 'bias'; expected a sequence",
+    ),
+    (GroupedSmoothedNormSGD, dict(params=_param(), fused=True, foreach=True), ValueError, "Invalid fused: True;"),
+    (GroupedSmoothedNormSGD, dict(params=_param(), exclude_1d="no"), TypeError, "Invalid exclude_1d: 'no';"),
     (GroupedSmoothedSignSGD, dict(params=_param(), weight_decay="0.1"), TypeError, "Invalid weight_decay: '0.1';"),
     (GroupedSmoothedNormSGD, dict(params=_param(), lr=-1.0), ValueError, "Invalid lr: -1.0;"),
-    (create_optimizer, dict(model_or_params=_param(), lr=float("inf")), ValueError, "Invalid lr: inf;"),
-    (create_optimizer, dict(model_or_params=_param(), name=None), TypeError, "Invalid name: None;"),
     (weight_decay_param_groups, dict(model_or_params=_param(), weight_decay=True), TypeError, "Invalid weight_decay:"),
+    (
+        weight_decay_param_groups,
+        dict(model_or_params=_param(), weight_decay=0.1, no_decay="bias"),
+        TypeError,
+        "Invalid no_decay: 'bias'; expected a sequence",
+    ),
+    (
+        weight_decay_param_groups,
+        dict(model_or_params=_param(), weight_decay=0.1, exclude_1d="no"),
+        TypeError,
+        "Invalid exclude_1d: 'no';",
+    ),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Tests of lightning_clip.optim: SmoothedSignSGD, SmoothedNormSGD and the factory."""
+"""Tests of lightning_clip.optim: SmoothedSignSGD, SmoothedNormSGD and the grouped optimizers."""
 
 import inspect
 import io
@@ -12,15 +12,10 @@ from torch import nn
 
 from lightning_clip.optim import (
     NORM_KINDS,
-    OPTIMIZER_REGISTRY,
     GroupedSmoothedNormSGD,
     GroupedSmoothedSignSGD,
     SmoothedNormSGD,
-    SmoothedNormSGDFactory,
     SmoothedSignSGD,
-    SmoothedSignSGDFactory,
-    create_optimizer,
-    get_optimizer_class,
     weight_decay_param_groups,
 )
 
@@ -205,11 +200,11 @@ def test_smoothed_norm_matches_reference(name, group_specs, defaults, foreach):
 def test_large_and_strided_parameters_match_reference(kind, defaults, foreach):
     """A tensor larger than the for-loop kernels' chunk (cut into chunks, the last one short), a transposed
     (non-contiguous) one and a small one, against the float64 reference."""
-    import lightning_clip.optim.smoothed as sm
+    from lightning_clip.optim._base import _CHUNK
 
     steps = 4
-    shapes = [(sm._CHUNK // 500 + 7, 500), (6, 9), (3,)]
-    assert shapes[0][0] * shapes[0][1] > sm._CHUNK and (shapes[0][0] * shapes[0][1]) % sm._CHUNK
+    shapes = [(_CHUNK // 500 + 7, 500), (6, 9), (3,)]
+    assert shapes[0][0] * shapes[0][1] > _CHUNK and (shapes[0][0] * shapes[0][1]) % _CHUNK
     gen = torch.Generator().manual_seed(3)
     init = [torch.randn(*s, generator=gen, dtype=F64) for s in shapes]
     init[1] = init[1].t()  # (9, 6) with strides (1, 9)
@@ -227,11 +222,12 @@ def test_loop_kernel_scratch_is_shared_by_shapes_and_dtypes():
     """One call of the for-loop SignSGD kernel over repeated shapes, two dtypes, an empty tensor and a tensor
     larger than one chunk: ``sign(g)`` of each goes through the shared scratch space, and every tensor ends where
     the float64 formula puts it (a view handed to the wrong tensor would corrupt the next one)."""
-    import lightning_clip.optim.smoothed as sm
+    from lightning_clip.optim._base import _CHUNK
+    from lightning_clip.optim.sign_sgd import _single_tensor_smoothed_sign
 
     gen = torch.Generator().manual_seed(11)
     specs = [((4, 5), torch.float32), ((4, 5), torch.float32), ((4, 5), F64), ((20,), torch.float32),
-             ((0,), torch.float32), ((sm._CHUNK + 3,), torch.float32), ((5, 4), torch.float32)]
+             ((0,), torch.float32), ((_CHUNK + 3,), torch.float32), ((5, 4), torch.float32)]
     params = [torch.randn(s, generator=gen, dtype=d) for s, d in specs]
     grads = [torch.randn(s, generator=gen, dtype=d) for s, d in specs]
     grads[3][::2] = 0.0  # sign(0) = 0
@@ -239,7 +235,7 @@ def test_loop_kernel_scratch_is_shared_by_shapes_and_dtypes():
     lr, beta = 0.1, 0.75
     want_bufs = [beta * b.double() + (1 - beta) * torch.sign(g.double()) for g, b in zip(grads, bufs)]
     want_params = [p.double() - lr * b for p, b in zip(params, want_bufs)]
-    sm._single_tensor_smoothed_sign(
+    _single_tensor_smoothed_sign(
         params, grads, bufs, [0] * len(params), lr=lr, beta=beta, weight_decay=0.0, bias_correction=False,
         maximize=False,
     )
@@ -281,11 +277,11 @@ def test_foreach_matches_single_tensor(opt_cls, kwargs):
 
 
 def test_default_kernel_on_cpu_is_single_tensor(monkeypatch):
-    import lightning_clip.optim.smoothed as sm
+    import lightning_clip.optim.sign_sgd as sign_sgd
 
     calls = []
-    monkeypatch.setattr(sm, "_single_tensor_smoothed_sign", lambda *a, **k: calls.append("single"))
-    monkeypatch.setattr(sm, "_multi_tensor_smoothed_sign", lambda *a, **k: calls.append("multi"))
+    monkeypatch.setattr(sign_sgd, "_single_tensor_smoothed_sign", lambda *a, **k: calls.append("single"))
+    monkeypatch.setattr(sign_sgd, "_multi_tensor_smoothed_sign", lambda *a, **k: calls.append("multi"))
     p = nn.Parameter(torch.zeros(3))
     p.grad = torch.ones(3)
     SmoothedSignSGD([p]).step()
@@ -727,8 +723,6 @@ def test_signatures_are_explicit_and_typed():
     for cls in (
         SmoothedSignSGD,
         SmoothedNormSGD,
-        SmoothedSignSGDFactory,
-        SmoothedNormSGDFactory,
         GroupedSmoothedSignSGD,
         GroupedSmoothedNormSGD,
     ):
@@ -741,7 +735,7 @@ def test_signatures_are_explicit_and_typed():
 
 
 # --------------------------------------------------------------------------- #
-# factory
+# decay / no-decay groups
 # --------------------------------------------------------------------------- #
 def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -773,36 +767,45 @@ def test_weight_decay_groups_norm_layer_by_type_and_frozen_and_dicts():
     assert weight_decay_param_groups(user_groups, weight_decay=0.1)[0]["lr"] == 0.5
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZER_REGISTRY))
-def test_create_optimizer_every_registered_name(name):
+@pytest.mark.parametrize(
+    "make,cls",
+    [
+        (GroupedSmoothedSignSGD, SmoothedSignSGD),
+        (GroupedSmoothedNormSGD, SmoothedNormSGD),
+        # weight_decay_param_groups for any optimizer
+        *(
+            (lambda m, lr, weight_decay, c=c: c(weight_decay_param_groups(m, weight_decay), lr=lr), c)
+            for c in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+        ),
+    ],
+)
+def test_grouped_optimizers_from_a_module(make, cls):
     model = _model()
-    opt = create_optimizer(model, name, lr=0.01, weight_decay=0.05)
-    assert isinstance(opt, OPTIMIZER_REGISTRY[name])
+    opt = make(model, lr=0.01, weight_decay=0.05)
+    assert isinstance(opt, cls)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert all(g["lr"] == 0.01 for g in opt.param_groups)
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
 
 
-def test_create_optimizer_kwargs_and_unknown_name():
-    opt = create_optimizer(_model(), "Smoothed-Norm-SGD", lr=0.1, optimizer_kwargs={"norm": "rms", "beta": 0.5})
+def test_grouped_optimizer_settings_reach_every_group():
+    opt = GroupedSmoothedNormSGD(_model(), lr=0.1, norm="rms", beta=0.5)
     assert isinstance(opt, SmoothedNormSGD)
-    assert opt.param_groups[0]["norm"] == "rms" and opt.param_groups[0]["beta"] == 0.5
-    assert get_optimizer_class("adamw") is torch.optim.AdamW
-    with pytest.raises(ValueError, match="^Invalid name: 'lamb'; expected a registered optimizer name"):
-        create_optimizer(_model(), "lamb")
+    assert len(opt.param_groups) == 2
+    assert all(g["norm"] == "rms" and g["beta"] == 0.5 for g in opt.param_groups)
 
 
 @pytest.mark.parametrize(
-    "factory,cls",
+    "make,cls",
     [
-        (SmoothedSignSGDFactory(lr=0.05, beta=0.8, weight_decay=0.01), SmoothedSignSGD),
-        (SmoothedNormSGDFactory(lr=0.05, beta=0.8, norm="tensor", weight_decay=0.01), SmoothedNormSGD),
+        (lambda p: GroupedSmoothedSignSGD(p, lr=0.05, beta=0.8, weight_decay=0.01), SmoothedSignSGD),
+        (lambda p: GroupedSmoothedNormSGD(p, lr=0.05, beta=0.8, norm="tensor", weight_decay=0.01), SmoothedNormSGD),
     ],
 )
-def test_optimizer_callable_factories(factory, cls):
+def test_grouped_optimizers_from_bare_parameters(make, cls):
     model = _model()
-    opt = factory(model.parameters())  # what LightningCLI passes: bare parameters
+    opt = make(model.parameters())  # what LightningCLI passes: bare parameters
     assert isinstance(opt, cls)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
     assert all(g["lr"] == 0.05 and g["beta"] == 0.8 for g in opt.param_groups)

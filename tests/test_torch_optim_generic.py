@@ -120,7 +120,8 @@ if importlib.util.find_spec("torch.testing._internal.common_optimizers") is None
 
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-import lightning_clip.optim.smoothed as smoothed_module
+import lightning_clip.optim.norm_sgd as norm_sgd_module
+import lightning_clip.optim.sign_sgd as sign_sgd_module
 from lightning_clip import AdaptiveClippingOptimizer, SmoothedNormSGD, SmoothedSignSGD
 
 F64 = torch.float64
@@ -1104,10 +1105,11 @@ def test_default_kernel_on_cpu_is_the_forloop(info):
     """torch's ``defaults_changed_to_foreach`` is for CUDA; on CPU the default (``foreach=None``) is the for-loop."""
     kind = "sign" if info.optim_cls is SmoothedSignSGD else "norm"
     name = f"_single_tensor_smoothed_{kind}"
+    module = sign_sgd_module if kind == "sign" else norm_sgd_module
     model = torch.nn.Linear(5, 5)
     opt = make(info, model.parameters(), {})
     model(torch.rand(2, 5)).sum().backward()
-    with mock.patch.object(smoothed_module, name, wraps=getattr(smoothed_module, name)) as loop:
+    with mock.patch.object(module, name, wraps=getattr(module, name)) as loop:
         opt.step()
     assert loop.called
 
