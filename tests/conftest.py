@@ -125,6 +125,43 @@ def trainer_kwargs(tmp_path, **overrides) -> dict:
     return kwargs
 
 
+class Probe(pl.LightningModule):
+    """A small MLP on the regression data, trained with SGD, with a per-step loss weight (``0``: a constant loss,
+    exactly zero gradients; ``1e3``: a spike). Records the gradient norm before the callback (``pre``) and after it
+    (``post``, the module's ``on_before_optimizer_step`` runs after the callbacks')."""
+
+    def __init__(self, lr: float = 0.02, loss_weight: dict[int, float] | None = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.lr = lr
+        self.loss_weight = dict(loss_weight or {})
+        self.pre: list[float] = []
+        self.post: list[float] = []
+        self.max_abs: list[dict[str, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y) * self.loss_weight.get(self.trainer.global_step, 1.0)
+
+    def on_after_backward(self) -> None:
+        self.pre.append(norm64(p.grad for p in self.parameters()))
+        self.max_abs.append({n: float(p.grad.double().abs().max()) for n, p in self.named_parameters()})
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.post.append(norm64(p.grad for p in self.parameters() if p.grad is not None))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def fit_regression(tmp_path, model, callbacks, ckpt_path=None, **overrides):
+    """Fit ``model`` on ``regression_loader()`` in a Trainer of ``trainer_kwargs(tmp_path, **overrides)`` with
+    ``callbacks`` (resuming from ``ckpt_path`` when given); returns the Trainer."""
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **overrides))
+    trainer.fit(model, regression_loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
 def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series of the TensorBoard event files under ``log_dir``, read with tensorboard's API."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_clip import AdaptiveGradientClipping
+from lightning_clip import AdaptiveGradientClipping, SmoothedNormSGD, SmoothedSignSGD
 from tests.conftest import (
+    Probe,
     TinyRegressor,
     TwoOptimizers,
+    fit_regression,
     no_host_sync,
     norm64,
     read_scalars,
@@ -386,3 +388,72 @@ def test_value_mode_and_adaptive_mode_train_with_an_empty_parameter(tmp_path):
                 p -= reference.lr * p.grad
         for a, b in zip(model.parameters(), reference.parameters()):
             torch.testing.assert_close(a, b)
+
+
+# complex parameters: a spectral layer
+class Spectral(pl.LightningModule):
+    """A spectral layer (a learned complex weight per Fourier mode, as in Fourier neural operators) and a head."""
+
+    def __init__(self, optimizer: str = "norm"):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.modes = nn.Parameter(torch.randn(5, dtype=torch.complex64, generator=gen))
+        self.head = nn.Linear(8, 1)
+        self.optimizer_name = optimizer
+        self.pre: list[float] = []
+        self.pre_torch: list[float] = []
+        self.post: list[float] = []
+        self.grads_after: list[list[torch.Tensor]] = []
+
+    def forward(self, x):
+        return self.head(torch.fft.irfft(torch.fft.rfft(x) * self.modes, n=8))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y) * 10
+
+    def on_after_backward(self) -> None:
+        grads = [p.grad for p in self.parameters()]
+        self.pre.append(math.sqrt(sum(float(g.to(torch.complex128).abs().square().sum()) for g in grads)))
+        self.pre_torch.append(float(torch.nn.utils.get_total_norm([g.clone() for g in grads])))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.post.append(
+            math.sqrt(sum(float(p.grad.to(torch.complex128).abs().square().sum()) for p in self.parameters()))
+        )
+        self.grads_after.append([p.grad.clone() for p in self.parameters()])
+
+    def configure_optimizers(self):
+        cls = SmoothedNormSGD if self.optimizer_name == "norm" else SmoothedSignSGD
+        return cls(self.parameters(), lr=0.01, beta=0.9)
+
+
+@pytest.mark.parametrize("optimizer", ["norm", "sign"])
+def test_spectral_model_trains_with_the_callback_and_both_optimizers(tmp_path, optimizer):
+    model = Spectral(optimizer)
+    cb = AdaptiveGradientClipping(alpha=0.5, beta=0.5, histogram_every_n_steps=2)
+    logger = CSVLogger(str(tmp_path))
+    fit_regression(tmp_path, model, [cb], max_steps=6, logger=logger)
+    assert model.pre == pytest.approx(model.pre_torch, rel=1e-6)  # torch's norm of complex gradients
+    m = model.pre[0]
+    assert model.post[0] == pytest.approx(model.pre[0], rel=1e-6)
+    for t in range(1, 6):
+        assert model.post[t] == pytest.approx(min(model.pre[t], 0.5 * m), rel=1e-5)  # clipped to 0.5 x average
+        m = 0.5 * m + 0.5 * model.pre[t]
+    assert float(cb.clip_state().ema) == pytest.approx(m, rel=1e-5)
+    assert math.isfinite(cb.last_metrics["clip/update_sparsity"])
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+# errors that explain
+def test_error_policy_explains_a_norm_that_overflowed_with_finite_entries(tmp_path):
+    model = Probe(loss_weight={2: 1e30})  # every entry finite in float32, the sum of their squares is not
+    cb = AdaptiveGradientClipping(nonfinite="error")
+    with pytest.raises(RuntimeError) as info:
+        fit_regression(tmp_path, model, [cb])
+    message = str(info.value)
+    assert message.startswith("Gradient norm overflow at global step 2: every gradient entry is finite")
+    assert math.isfinite(model.pre[2]) and model.pre[2] > 1e19
+    largest = sorted(model.max_abs[2], key=model.max_abs[2].get, reverse=True)[:3]
+    listed = message.split("The largest entries are in: ")[1]
+    assert [part.split(" (max")[0] for part in listed.split(", ")[:3]] == largest

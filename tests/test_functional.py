@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_clip._scaling import scale_grads_
 from lightning_clip.functional import ClipState, clip_grads_, rule_from_settings
@@ -405,3 +406,35 @@ def test_the_docs_state_the_warmup_average_the_code_computes():
         flat = " ".join(text.split())
         assert "weighs alike" not in flat and "counts alike" not in flat, where
         assert "(1 - beta) beta^(k-i) n_i / (1 - beta^k)" in flat, where
+
+
+# -------------------------------------------------------------------------------------- complex parameters
+def test_complex_norm_and_clipping_match_torch_clip_grad_norm():
+    gen = torch.Generator().manual_seed(4)
+    make = [
+        lambda: torch.randn(4, 3, dtype=torch.complex64, generator=gen),
+        lambda: torch.randn(6, generator=gen),
+        lambda: torch.randn(2, 5, dtype=torch.complex64, generator=gen).t(),  # not contiguous
+    ]
+    grads = [f() * 3 for f in make]
+    params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    reference = math.sqrt(sum(float(g.to(torch.complex128).abs().square().sum()) for g in grads))
+    for foreach in (True, False):
+        assert float(global_grad_norm(grads, foreach=foreach)) == pytest.approx(reference, rel=1e-6)
+    torch_norm = torch.nn.utils.clip_grad_norm_(params, 1.5, foreach=True)
+    stats = clip_grads_(grads, ClipState.zeros(), rule_from_settings(mode="norm", clip_val=1.5))
+    assert float(stats.norm) == pytest.approx(float(torch_norm), rel=1e-6)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_complex_value_clipping_clamps_the_modulus_and_keeps_the_phase():
+    z = torch.tensor([3 + 4j, 0.3 - 0.4j, -6j, 0j], dtype=torch.complex64)
+    real = torch.tensor([2.0, -0.5, -7.0])
+    grads = [z.clone(), real.clone()]
+    clip_grads_(grads, ClipState.zeros(), rule_from_settings(mode="value", clip_val=1.0))
+    expected = torch.tensor([0.6 + 0.8j, 0.3 - 0.4j, -1j, 0j], dtype=torch.complex64)
+    torch.testing.assert_close(grads[0], expected)
+    assert torch.equal(grads[1], torch.tensor([1.0, -0.5, -1.0]))

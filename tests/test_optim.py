@@ -1156,3 +1156,76 @@ def test_half_precision_matches_the_float64_formula(kind, norm, kernel, dtype):
                 atol=eps,
                 msg=lambda m, t=t: f"step {t + 1}: {m}",
             )
+
+
+# --------------------------------------------------------------------------- #
+# complex parameters
+# --------------------------------------------------------------------------- #
+def _reference_smoothed(params, grads_seq, *, kind, lr, beta, weight_decay=0.0, bias_correction=False, norm="global"):
+    """Complex128 reference of both optimizers, written from their definitions."""
+    ws = [p.detach().to(torch.complex128).clone() for p in params]
+    ms = [torch.zeros_like(w) for w in ws]
+    for t, grads in enumerate(grads_seq, start=1):
+        gs = [g.to(torch.complex128) for g in grads]
+        if kind == "sign":
+            ds = [torch.where(g.abs() > 0, g / g.abs().clamp_min(1e-300), 0) for g in gs]  # z / |z|, 0 at 0
+        elif norm == "global":
+            total = math.sqrt(sum(float(g.abs().square().sum()) for g in gs))
+            ds = [g / max(total, 1e-12) for g in gs]
+        else:
+            ds = [g / max(math.sqrt(float(g.abs().square().sum())), 1e-12) for g in gs]
+        step = lr / (1 - beta**t) if bias_correction else lr
+        for i, (w, m, d) in enumerate(zip(ws, ms, ds)):
+            w.mul_(1 - lr * weight_decay)
+            m.mul_(beta).add_(d * (1 - beta))
+            w.sub_(m * step)
+    return ws
+
+
+@pytest.mark.parametrize("kind", ["sign", "norm-global", "norm-tensor"])
+@pytest.mark.parametrize("kernel", ["loop", "foreach", "fused"])
+def test_optimizers_on_complex_parameters_match_a_complex128_reference(kind, kernel):
+    gen = torch.Generator().manual_seed(7)
+
+    def tensors():  # two complex parameters and a real one, in one optimizer
+        out = [
+            torch.randn(3, 2, dtype=torch.complex128, generator=gen),
+            torch.randn(4, dtype=torch.complex128, generator=gen),
+            torch.randn(5, dtype=torch.float64, generator=gen),
+        ]
+        out[1][0] = 0  # an entry whose gradient is 0
+        return out
+
+    init = tensors()
+    grads_seq = [tensors() for _ in range(6)]
+    params = [nn.Parameter(t.clone()) for t in init]
+    kernel_kwargs = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[kernel]
+    settings = dict(lr=0.1, beta=0.8, weight_decay=0.05, bias_correction=True)
+    if kind == "sign":
+        opt = SmoothedSignSGD(params, **settings, **kernel_kwargs)
+        ref = _reference_smoothed(init, grads_seq, kind="sign", **settings)
+    else:
+        norm = kind.split("-")[1]
+        opt = SmoothedNormSGD(params, norm=norm, **settings, **kernel_kwargs)
+        ref = _reference_smoothed(init, grads_seq, kind="norm", norm=norm, **settings)
+    for grads in grads_seq:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach().to(torch.complex128), r, rtol=1e-12, atol=1e-13)
+    assert [p.dtype for p in params] == [torch.complex128, torch.complex128, torch.float64]
+
+
+def test_complex_sign_is_the_real_sign_on_the_real_axis():
+    """With imaginary parts 0, sgn(z) = sign(Re z): the complex optimizer moves like the real one."""
+    gen = torch.Generator().manual_seed(9)
+    real = nn.Parameter(torch.randn(5, generator=gen))
+    cplx = nn.Parameter(real.detach().to(torch.complex64))
+    opt_r, opt_c = SmoothedSignSGD([real], lr=0.1, beta=0.7), SmoothedSignSGD([cplx], lr=0.1, beta=0.7)
+    for _ in range(4):
+        g = torch.randn(5, generator=gen)
+        real.grad, cplx.grad = g.clone(), g.to(torch.complex64)
+        opt_r.step()
+        opt_c.step()
+    assert torch.equal(cplx.detach().real, real.detach()) and torch.equal(cplx.detach().imag, torch.zeros(5))

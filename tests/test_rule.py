@@ -1,5 +1,6 @@
 """The rule module: the built-in rules against the flat arguments, read-only settings, a new rule as one class
-(through the callback in a real Trainer, the wrapper, and a LightningCLI YAML), and the refusals."""
+(through the callback in a real Trainer, the wrapper, and a LightningCLI YAML), the refusals, and degenerate first
+steps (zero norms, a constant loss, the warm-up) that must not poison the average."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import Tensor
 from lightning_clip import AdaptiveClippingOptimizer, AdaptiveGradientClipping, AdaptiveNorm, FixedNorm, FixedValue
 from lightning_clip.functional import ClipState, clip_grads_
 from lightning_clip.rule import ClipRule, rule_from_settings
-from tests.conftest import TinyRegressor, norm64, regression_loader, trainer_kwargs
+from tests.conftest import Probe, TinyRegressor, fit_regression, norm64, regression_loader, trainer_kwargs
 from tests.lightning_ns import pl
 
 
@@ -135,3 +136,59 @@ def test_the_rule_from_a_lightningcli_yaml(tmp_path):
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, AdaptiveGradientClipping)]
     assert cb.rule == FixedNorm(0.25)
     assert cb.last_metrics["clip/threshold"] == 0.25
+
+
+# a degenerate first step must not poison the average
+def test_zero_norm_neither_seeds_nor_drags_the_average():
+    rule, state = rule_from_settings(alpha=2.0, beta=0.9), ClipState.zeros()
+    zeros = [torch.zeros(3, 4), torch.zeros(5)]
+    stats = clip_grads_(zeros, state, rule)
+    assert float(stats.norm) == 0.0 and int(state.seen) == 0 and float(state.ema) == 0.0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in zeros)
+    grads = [torch.full((3, 4), 0.5), torch.full((5,), -1.0)]
+    n = math.sqrt(12 * 0.25 + 5)
+    stats = clip_grads_(grads, state, rule)  # the first informative step seeds, unclipped
+    assert float(stats.threshold) == math.inf and float(state.ema) == pytest.approx(n, rel=1e-6)
+    for _ in range(3):  # zero steps in the middle leave the average and the count alone
+        clip_grads_([torch.zeros(3, 4), torch.zeros(5)], state, rule)
+    assert float(state.ema) == pytest.approx(n, rel=1e-6) and int(state.seen) == 1
+    again = [torch.full((3, 4), 0.5), torch.full((5,), -1.0)]
+    stats = clip_grads_(again, state, rule)
+    assert float(stats.threshold) == pytest.approx(2.0 * n, rel=1e-6) and not bool(stats.clipped)
+    assert int(state.steps) == 6 and int(state.clipped) == 0  # zero steps are finite steps, never clipped
+
+
+def test_constant_loss_at_the_start_does_not_throttle_the_next_steps(tmp_path):
+    model = Probe(loss_weight={0: 0.0})  # step 0: a loss weight of 0 (a ramp), exactly zero gradients
+    cb = AdaptiveGradientClipping(alpha=2.0, beta=0.9)
+    fit_regression(tmp_path, model, [cb])
+    assert model.pre[0] == 0.0
+    assert model.post[1:] == pytest.approx(model.pre[1:], rel=1e-6)  # nothing zeroed, nothing throttled
+    assert int(cb.clip_state().seen) == 7
+    m = model.pre[1]
+    for n in model.pre[2:]:
+        m = 0.9 * m + 0.1 * n
+    assert float(cb.clip_state().ema) == pytest.approx(m, rel=1e-5)
+
+
+def test_warmup_is_not_spent_on_zero_steps_nor_set_by_a_tiny_first_step(tmp_path):
+    # three zero steps, then an informative step 1000x smaller than the others, then ordinary steps
+    model = Probe(loss_weight={0: 0.0, 1: 0.0, 2: 0.0, 3: 1e-3})
+    cb = AdaptiveGradientClipping(alpha=1.5, beta=0.9, warmup_steps=3)
+    fit_regression(tmp_path, model, [cb], max_steps=12)
+    norms = model.pre[3:]  # the informative steps
+    beta, k_warm = 0.9, 3
+    m = norms[0]
+    for k, n in enumerate(norms[1:], start=2):  # float64 reference: bias-corrected during the warm-up
+        w = (1 - beta) / (1 - beta**k) if k <= k_warm + 1 else 1 - beta
+        threshold = math.inf if k <= k_warm + 1 else 1.5 * m
+        assert model.post[2 + k] == pytest.approx(min(n, threshold), rel=1e-5)
+        m = m + w * (n - m)
+    assert float(cb.clip_state().ema) == pytest.approx(m, rel=1e-5)
+    # what the warm-up is for: after it, the ordinary steps pass; the tiny first step weighs 0.21 in the average, not
+    # beta^3 = 0.73 as a plain seeded average would give it (which puts the threshold below the ordinary norms)
+    assert model.post[3:] == pytest.approx(model.pre[3:], rel=1e-6)
+    plain = norms[0]
+    for n in norms[1:4]:
+        plain = 0.9 * plain + 0.1 * n
+    assert 1.5 * plain < norms[4]  # the first adaptive step (k = 5) would have been clipped

@@ -85,6 +85,19 @@ def test_tracker_copies_only_when_armed_and_frees_after_the_step():
     assert not opt._optimizer_step_post_hooks
 
 
+def test_update_sparsity_of_complex_updates_counts_the_modulus():
+    before = [torch.zeros(4, dtype=torch.complex64)]
+    after = [torch.tensor([0.03 + 0.04j, 0.09 + 0.12j, 0.001j, 1.0], dtype=torch.complex64)]
+    # |dw| = 0.05, 0.15, 0.001, 1.0 against tol * lr = 0.1: the first and third are negligible (their real and
+    # imaginary parts alone would not tell: 0.09 and 0.12 are both below 0.15)
+    assert float(update_sparsity(before, after, [1.0], tol=0.1)) == 0.5
+    assert float(update_sparsity(before, after, [1.0], tol=0.13)) == 0.5  # |0.09 + 0.12j| = 0.15 > 0.13
+    moduli = (after[0] - before[0]).abs()
+    rms = update_sparsity(before, after, tol=0.5, relative_to="rms")
+    limit = 0.5 * math.sqrt(float(moduli.double().square().mean()))
+    assert float(rms) == pytest.approx(float((moduli.double() <= limit).double().mean()))
+
+
 # ------------------------------------------------- Smoothed SignSGD in a Trainer
 class SignProblem(pl.LightningModule):
     """``loss = <w, g_t>``: the gradient is ``g_t``, chosen per step; the first ``alternating`` entries flip sign."""
