@@ -61,7 +61,7 @@ def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
             "OMP_NUM_THREADS": "1",
         }
         proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
-        if "EADDRINUSE" not in proc.stderr:
+        if "EADDRINUSE" not in proc.stderr and "address already in use" not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import warnings
@@ -29,6 +28,7 @@ from tests.conftest import (
     FSDP2_ON_CPU,
     FSDP2_SKIP_REASON,
     TinyRegressor,
+    launch,
     no_host_sync,
     norm64,
     read_layout,
@@ -441,12 +441,6 @@ def test_fabric_bf16_mixed_matches_a_plain_autocast_loop():
 
 
 # --------------------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     "mode", ["ddp", pytest.param("fsdp2", marks=pytest.mark.skipif(not FSDP2_ON_CPU, reason=FSDP2_SKIP_REASON))]
 )
@@ -457,15 +451,7 @@ def test_distributed_over_gloo_ranks_agree_and_match_one_process(mode, tmp_path)
     records = {}
     for world in (2, 1):
         out = str(tmp_path / f"w{world}")
-        for _attempt in range(3):  # another process may take the free port between the check and the bind
-            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-            proc = subprocess.run(
-                [sys.executable, script, out, str(world), mode], capture_output=True, text=True, timeout=300, env=env
-            )
-            if "EADDRINUSE" not in proc.stderr and "address already in use" not in proc.stderr:
-                break
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        launch([script, out, str(world), mode])
         records[world] = []
         for rank in range(world):
             with open(f"{out}.rank{rank}") as f:
