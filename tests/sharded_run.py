@@ -300,7 +300,7 @@ def optimizers(out: str) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from lightning_clip.optim import SmoothedNormSGD, SmoothedSignSGD
-    from lightning_clip.optim._base import _CHUNK
+    from lightning_clip.optim._base import CHUNK as _CHUNK
 
     rank = dist.get_rank()
     mesh = init_device_mesh(ACCELERATOR, (2,))

@@ -200,7 +200,7 @@ def test_smoothed_norm_matches_reference(name, group_specs, defaults, foreach):
 def test_large_and_strided_parameters_match_reference(kind, defaults, foreach):
     """A tensor larger than the for-loop kernels' chunk (cut into chunks, the last one short), a transposed
     (non-contiguous) one and a small one, against the float64 reference."""
-    from lightning_clip.optim._base import _CHUNK
+    from lightning_clip.optim._base import CHUNK as _CHUNK
 
     steps = 4
     shapes = [(_CHUNK // 500 + 7, 500), (6, 9), (3,)]
@@ -222,7 +222,7 @@ def test_loop_kernel_scratch_is_shared_by_shapes_and_dtypes():
     """One call of the for-loop SignSGD kernel over repeated shapes, two dtypes, an empty tensor and a tensor
     larger than one chunk: ``sign(g)`` of each goes through the shared scratch space, and every tensor ends where
     the float64 formula puts it (a view handed to the wrong tensor would corrupt the next one)."""
-    from lightning_clip.optim._base import _CHUNK
+    from lightning_clip.optim._base import CHUNK as _CHUNK
     from lightning_clip.optim.sign_sgd import _single_tensor_smoothed_sign
 
     gen = torch.Generator().manual_seed(11)

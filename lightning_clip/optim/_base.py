@@ -1,16 +1,16 @@
 """The machinery shared by :mod:`~lightning_clip.optim.sign_sgd` and :mod:`~lightning_clip.optim.norm_sgd`.
 
-* :class:`_SmoothedMomentumOptimizer`: the base class of both optimizers. One state tensor per parameter (the
+* :class:`SmoothedMomentumOptimizer`: the base class of both optimizers. One state tensor per parameter (the
   momentum buffer ``M``), plus, with bias correction, the step count ``t`` kept as ``torch.optim`` keeps it
   (``state["step"]``, a 0-d CPU tensor incremented in place, so that ``torch.compile(optimizer.step)`` counts and
   every kernel runs under it); every parameter group's settings checked when the group is added
-  (:func:`_check_hyperparameters`); checkpoints of earlier versions restored (``__setstate__``).
+  (:func:`check_hyperparameters`); checkpoints of earlier versions restored (``__setstate__``).
 * The pieces of the update both optimizers share, ``W <- W (1 - γ λ)`` then ``W <- W - γ_t M_t`` with the
-  (bias-corrected) step size ``γ_t = γ / (1 - β^t)`` (:func:`_step_size`, :func:`_descend`,
-  :func:`_apply_step_foreach`).
-* The for-loop kernels' chunks and scratch space (:data:`_CHUNK`, :func:`_chunks`, :class:`_Scratch`), the fused
-  (``torch.compile``) kernels' helpers (:func:`_run_fused`, :func:`_step_size_tensors`, :func:`_decay_tensor`,
-  :func:`_shared`, :func:`_one`) and the kernel choice (:func:`_pick`).
+  (bias-corrected) step size ``γ_t = γ / (1 - β^t)`` (:func:`step_size_for`, :func:`descend_`,
+  :func:`apply_step_foreach`).
+* The for-loop kernels' chunks and scratch space (:data:`CHUNK`, :func:`split_chunks`, :class:`Scratch`), the fused
+  (``torch.compile``) kernels' helpers (:func:`run_fused`, :func:`step_size_tensors`, :func:`decay_tensor`,
+  :func:`shared_or_list`, :func:`item_of`) and the kernel choice (:func:`pick_kernel`).
 * :data:`NORM_KINDS`, the normalisations of :class:`~lightning_clip.optim.SmoothedNormSGD`: here because the
   hyperparameter check validates a ``norm`` setting in any group.
 
@@ -33,7 +33,7 @@ from lightning_clip._validation import check_choice, check_flag, check_kernel_ch
 from lightning_clip.norms import default_foreach
 
 #: Normalisations accepted by :class:`~lightning_clip.optim.SmoothedNormSGD` (exported by its module,
-#: :mod:`~lightning_clip.optim.norm_sgd`; defined here for :func:`_check_hyperparameters`).
+#: :mod:`~lightning_clip.optim.norm_sgd`; defined here for :func:`check_hyperparameters`).
 NORM_KINDS: tuple[str, ...] = ("global", "tensor", "rms")
 
 NormKind = Literal["global", "tensor", "rms"]
@@ -56,7 +56,7 @@ def _scalar_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
 
 
-def _step_size(lr: float, beta: float, step: StepCount, bias_correction: bool, like: Tensor) -> float | Tensor:
+def step_size_for(lr: float, beta: float, step: StepCount, bias_correction: bool, like: Tensor) -> float | Tensor:
     """The (bias-corrected) learning rate of one tensor, ``lr / (1 - beta**step)`` (``lr`` without correction).
 
     A Python float, computed in float64 on the host, when the count can be read there for free: an ``int``, or a
@@ -78,7 +78,7 @@ def _step_size(lr: float, beta: float, step: StepCount, bias_correction: bool, l
     return _bias_corrected_lr(lr, beta, step, bias_correction)
 
 
-def _descend(param: Tensor, buf: Tensor, step_size: float | Tensor) -> None:
+def descend_(param: Tensor, buf: Tensor, step_size: float | Tensor) -> None:
     """``param -= step_size * buf`` in one pass, for a Python float or a 0-d tensor ``step_size``."""
     if isinstance(step_size, Tensor):
         param.addcmul_(buf, step_size, value=-1.0)
@@ -108,13 +108,13 @@ def _increment_(steps: list[Tensor]) -> None:
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _no_grad_step(step: _F) -> _F:
+def no_grad_step(step: _F) -> _F:
     """``step`` under ``torch.no_grad()``, with a graph break on entry and on exit under ``torch.compile``, as
     ``torch.optim``'s ``_use_grad_for_differentiable`` does: the step is then traced as an inference graph, whose
     in-place updates of the parameters and buffers TorchInductor performs in place (no copy of every parameter)."""
 
     @functools.wraps(step)
-    def no_grad_step(*args: Any, **kwargs: Any) -> Any:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
         import torch._dynamo
 
         enabled = torch.is_grad_enabled()
@@ -126,10 +126,10 @@ def _no_grad_step(step: _F) -> _F:
             torch._dynamo.graph_break()
             torch.set_grad_enabled(enabled)
 
-    return no_grad_step  # type: ignore[return-value]
+    return wrapped  # type: ignore[return-value]
 
 
-def _check_kernel_args(
+def check_kernel_args(
     params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], steps: Sequence[StepCount]
 ) -> None:
     if not (len(params) == len(grads) == len(bufs) == len(steps)):
@@ -143,35 +143,35 @@ def _check_kernel_args(
 #: one (a vocabulary embedding) one chunk at a time, so that ``sign(g)`` needs a scratch buffer of at most this size
 #: rather than a temporary the size of the tensor (allocating and faulting in that temporary each step costs more
 #: than the update). Each further chunk costs three more kernel launches, which is why the chunks are this large.
-_CHUNK = 1 << 20
+CHUNK = 1 << 20
 
 
-def _chunks(*tensors: Tensor) -> list[tuple[Tensor, ...]] | None:
-    """Flat views of same-shaped tensors cut into aligned chunks of at most :data:`_CHUNK` entries (one chunk for a
+def split_chunks(*tensors: Tensor) -> list[tuple[Tensor, ...]] | None:
+    """Flat views of same-shaped tensors cut into aligned chunks of at most :data:`CHUNK` entries (one chunk for a
     smaller tensor); ``None`` when a tensor is not contiguous or their numbers of entries differ."""
     if not all(t.is_contiguous() for t in tensors):
         return None
     flats = [t.view(-1) for t in tensors]
     if any(f.numel() != flats[0].numel() for f in flats):
         return None
-    if flats[0].numel() <= _CHUNK:
+    if flats[0].numel() <= CHUNK:
         return [tuple(flats)]
-    return list(zip(*(f.split(_CHUNK) for f in flats)))
+    return list(zip(*(f.split(CHUNK) for f in flats)))
 
 
-class _Scratch:
+class Scratch:
     """Scratch space for ``sign(g)``, shared by every tensor of one kernel call: one flat buffer per dtype and
-    device (made on first use), as large as the largest of ``tensors`` (at most :data:`_CHUNK` entries), and one
+    device (made on first use), as large as the largest of ``tensors`` (at most :data:`CHUNK` entries), and one
     view of it per shape, made once (a model repeats a few shapes; a view costs as much as a small kernel)."""
 
     def __init__(self, tensors: list[Tensor]) -> None:
-        self._size = min(max((t.numel() for t in tensors), default=0), _CHUNK)
+        self._size = min(max((t.numel() for t in tensors), default=0), CHUNK)
         self._flat: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._views: dict[tuple[torch.dtype, torch.device, torch.Size], Tensor] = {}
 
     def like(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """A contiguous tensor of ``t``'s shape and device and of ``dtype`` (default: ``t``'s), for
-        ``t.numel() <= _CHUNK``; its values undefined."""
+        ``t.numel() <= CHUNK``; its values undefined."""
         key = (dtype or t.dtype, t.device, t.shape)
         view = self._views.get(key)
         if view is None:
@@ -182,7 +182,7 @@ class _Scratch:
         return view
 
 
-def _apply_step_foreach(
+def apply_step_foreach(
     params: list[Tensor],
     bufs: list[Tensor],
     steps: Sequence[StepCount],
@@ -192,7 +192,7 @@ def _apply_step_foreach(
     bias_correction: bool,
 ) -> None:
     """``param -= step_size * buf`` for a list, one fused op when all step sizes are the same Python float."""
-    step_sizes = [_step_size(lr, beta, s, bias_correction, p) for p, s in zip(params, steps)]
+    step_sizes = [step_size_for(lr, beta, s, bias_correction, p) for p, s in zip(params, steps)]
     if not any(isinstance(s, Tensor) for s in step_sizes):
         if all(s == step_sizes[0] for s in step_sizes):
             torch._foreach_add_(params, bufs, alpha=-step_sizes[0])  # type: ignore[arg-type]
@@ -209,13 +209,13 @@ def _apply_step_foreach(
 # --------------------------------------------------------------------------- #
 # fused (torch.compile) kernels: helpers of the one loop per tensor
 # --------------------------------------------------------------------------- #
-def _one(values: Any, i: int) -> Tensor:
+def item_of(values: Any, i: int) -> Tensor:
     """``values[i]`` for a list of per-tensor values, ``values`` itself for one value shared by every tensor (a
     single 0-d tensor: fewer graph inputs, so fewer guards to check on each call)."""
     return values[i] if isinstance(values, list) else values
 
 
-def _run_fused(kernel: CompiledKernel, *args: Any) -> None:
+def run_fused(kernel: CompiledKernel, *args: Any) -> None:
     """``kernel(*args)``; under ``torch.compile`` (a compiled ``optimizer.step``) the body itself, traced into the
     caller's graph."""
     if torch.compiler.is_compiling():
@@ -224,7 +224,7 @@ def _run_fused(kernel: CompiledKernel, *args: Any) -> None:
         kernel(*args)
 
 
-def _step_size_tensors(
+def step_size_tensors(
     params: list[Tensor], state_steps: Sequence[StepCount], lr: float, beta: float, bias_correction: bool
 ) -> list[Tensor]:
     """The (bias-corrected) learning rates as 0-d tensors (float32, float64 for float64 parameters) on each
@@ -233,7 +233,7 @@ def _step_size_tensors(
     cache: dict[tuple[torch.device, torch.dtype, float], Tensor] = {}
     out = []
     for param, step in zip(params, state_steps):
-        value = _step_size(lr, beta, step, bias_correction, param)
+        value = step_size_for(lr, beta, step, bias_correction, param)
         if isinstance(value, Tensor):  # counts read where they live (torch.compile, counts on an accelerator)
             out.append(value.to(param.device))
             continue
@@ -244,20 +244,20 @@ def _step_size_tensors(
     return out
 
 
-def _decay_tensor(params: list[Tensor], lr: float, weight_decay: float) -> Tensor:
+def decay_tensor(params: list[Tensor], lr: float, weight_decay: float) -> Tensor:
     """``1 - lr * weight_decay`` as a 0-d tensor on the first parameter's device (float64 when a parameter is
     float64, else float32: a float16 factor would round ``1 - 1e-5`` to ``1``)."""
     dtype = torch.float64 if any(_scalar_dtype(p) == torch.float64 for p in params) else torch.float32
     return torch.tensor(1.0 - lr * weight_decay, dtype=dtype, device=params[0].device)
 
 
-def _shared(values: list[Tensor]) -> Any:
+def shared_or_list(values: list[Tensor]) -> Any:
     """The one tensor of ``values`` when every entry is that same tensor (the common case: one step size, one global
     coefficient), else the list."""
     return values[0] if all(v is values[0] for v in values) else values
 
 
-def _pick(foreach: bool | None, fused: bool, params: list[Tensor]) -> str:
+def pick_kernel(foreach: bool | None, fused: bool, params: list[Tensor]) -> str:
     foreach, fused = check_kernel_choice(foreach, fused)
     if fused:
         return "fused"
@@ -271,7 +271,7 @@ def _pick(foreach: bool | None, fused: bool, params: list[Tensor]) -> str:
 # --------------------------------------------------------------------------- #
 # hyperparameters and the base optimizer class
 # --------------------------------------------------------------------------- #
-def _check_hyperparameters(settings: dict[str, Any], where: str = "") -> dict[str, Any]:
+def check_hyperparameters(settings: dict[str, Any], where: str = "") -> dict[str, Any]:
     """The optimizers' settings present in ``settings``, validated and as plain Python values.
 
     ``lr`` and ``weight_decay``: finite, ``>= 0``; ``beta``: in ``[0, 1)``; ``eps``: finite, ``> 0``; ``norm``: one
@@ -298,7 +298,7 @@ def _check_hyperparameters(settings: dict[str, Any], where: str = "") -> dict[st
     return out
 
 
-class _SmoothedMomentumOptimizer(Optimizer):
+class SmoothedMomentumOptimizer(Optimizer):
     """Shared state handling: one momentum buffer per parameter (+ a step count, a 0-d CPU tensor, with bias
     correction); every parameter group's settings are validated when the group is added (at construction, and by
     ``add_param_group`` later)."""
@@ -306,11 +306,11 @@ class _SmoothedMomentumOptimizer(Optimizer):
     _name = "SmoothedMomentumOptimizer"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group as ``torch.optim.Optimizer`` does, then check its settings (:func:`_check_hyperparameters`)."""
+        """Add a group as ``torch.optim.Optimizer`` does, then check its settings (:func:`check_hyperparameters`)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:  # the defaults were checked already: a failure here is the group's own setting
-            group.update(_check_hyperparameters(group, f" of param group {len(self.param_groups) - 1}"))
+            group.update(check_hyperparameters(group, f" of param group {len(self.param_groups) - 1}"))
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise

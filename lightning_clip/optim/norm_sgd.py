@@ -36,25 +36,25 @@ from lightning_clip._compile import CompiledKernel
 from lightning_clip.norms import global_grad_norm, is_dtensor, real_view, squared_norm, tensor_norms
 
 from ._base import (
-    _CHUNK,
+    CHUNK,
     NORM_KINDS,
     NormKind,
+    Scratch,
+    SmoothedMomentumOptimizer,
     StepCount,
-    _apply_step_foreach,
-    _check_hyperparameters,
-    _check_kernel_args,
-    _chunks,
-    _decay_tensor,
-    _descend,
-    _no_grad_step,
-    _one,
-    _pick,
-    _run_fused,
-    _Scratch,
-    _shared,
-    _SmoothedMomentumOptimizer,
-    _step_size,
-    _step_size_tensors,
+    apply_step_foreach,
+    check_hyperparameters,
+    check_kernel_args,
+    decay_tensor,
+    descend_,
+    item_of,
+    no_grad_step,
+    pick_kernel,
+    run_fused,
+    shared_or_list,
+    split_chunks,
+    step_size_for,
+    step_size_tensors,
 )
 
 __all__ = ["SmoothedNormSGD", "smoothed_norm_sgd", "NORM_KINDS"]
@@ -84,12 +84,12 @@ def _tensor_coef(grad: Tensor, norm: str, eps: float, signed: float) -> Tensor:
     return torch.reciprocal(n.clamp_min_(eps)).mul_(signed)
 
 
-def _scaled_in_float32(grad: Tensor, coef: Tensor, scratch: _Scratch | None) -> Tensor:
+def _scaled_in_float32(grad: Tensor, coef: Tensor, scratch: Scratch | None) -> Tensor:
     """``grad * coef`` in float32 for a float16/bfloat16 ``grad``: ``coef = ±(1 - beta) / max(N(g), eps)`` reaches
     ``(1 - beta) / eps`` for a zero gradient, beyond float16's range, and a kernel that took it in the gradient's
     dtype would turn a zero gradient into ``nan`` (``0 * inf``) and a tiny one into ``inf``; the product itself is at
     most ``1 - beta``. Into ``scratch`` when the tensor fits there, else a temporary."""
-    if scratch is not None and grad.numel() <= _CHUNK and not is_dtensor(grad):
+    if scratch is not None and grad.numel() <= CHUNK and not is_dtensor(grad):
         out = scratch.like(grad, torch.float32).copy_(grad)
     else:
         out = grad.to(torch.float32)
@@ -119,7 +119,7 @@ def _single_tensor_smoothed_norm(
     float32 scratch space (:func:`_scaled_in_float32`), one more pass over it;
     other dtypes take one ``addcmul_``.
     """
-    _check_kernel_args(params, grads, momentum_buffers, state_steps)
+    check_kernel_args(params, grads, momentum_buffers, state_steps)
     if not params:
         return
     signed = -(1.0 - beta) if maximize else (1.0 - beta)
@@ -129,21 +129,21 @@ def _single_tensor_smoothed_norm(
     elif norm not in NORM_KINDS:
         raise ValueError(f"Invalid norm: {norm!r}; expected one of {NORM_KINDS}")
     compiling = torch.compiler.is_compiling()
-    scratch: _Scratch | None = None
+    scratch: Scratch | None = None
     decay = 1.0 - lr * weight_decay
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
         if coef_global is not None:
             coef = coef_global if coef_global.device == grad.device else coef_global.to(grad.device)
         else:
             coef = _tensor_coef(grad, norm, eps, signed)
-        step_size = _step_size(lr, beta, step, bias_correction, param)
+        step_size = step_size_for(lr, beta, step, bias_correction, param)
         reduced = grad.dtype in _REDUCED
         if reduced and scratch is None and not compiling:
-            scratch = _Scratch(grads)
+            scratch = Scratch(grads)
         # the update is linear in (param, grad, buf) with real coefficients: complex tensors run as their real views
         # (a DTensor whole: flat chunks would cross shards; under torch.compile whole: TorchInductor fuses the chain)
-        large = not compiling and grad.numel() > _CHUNK and not is_dtensor(grad)
-        chunks = _chunks(real_view(param), real_view(grad), real_view(buf)) if large else None
+        large = not compiling and grad.numel() > CHUNK and not is_dtensor(grad)
+        chunks = split_chunks(real_view(param), real_view(grad), real_view(buf)) if large else None
         for p, g, b in chunks or ((param, grad, buf),):
             if weight_decay != 0.0:
                 p.mul_(decay)
@@ -152,7 +152,7 @@ def _single_tensor_smoothed_norm(
                 b.mul_(beta).add_(_scaled_in_float32(g, coef, scratch))
             else:
                 b.mul_(beta).addcmul_(g, coef)
-            _descend(p, b, step_size)
+            descend_(p, b, step_size)
 
 
 def _scaled_foreach(grads: list[Tensor], factors: Tensor | list[Tensor]) -> list[Tensor]:
@@ -184,7 +184,7 @@ def _multi_tensor_smoothed_norm(
     global_norm: Tensor | None = None,
 ) -> None:
     """Multi-tensor kernel built on ``torch._foreach_*`` ops."""
-    _check_kernel_args(params, grads, momentum_buffers, state_steps)
+    check_kernel_args(params, grads, momentum_buffers, state_steps)
     if not params:
         return
     if norm not in NORM_KINDS:
@@ -213,7 +213,7 @@ def _multi_tensor_smoothed_norm(
         torch._foreach_mul_(device_bufs, beta)
         torch._foreach_add_(device_bufs, scaled)
         del scaled
-        _apply_step_foreach(device_params, device_bufs, device_steps, lr=lr, beta=beta, bias_correction=bias_correction)
+        apply_step_foreach(device_params, device_bufs, device_steps, lr=lr, beta=beta, bias_correction=bias_correction)
 
 
 # --------------------------------------------------------------------------- #
@@ -232,8 +232,8 @@ def _norm_body(
     for i, (param, grad, buf) in enumerate(zip(params, grads, bufs)):
         if apply_decay:
             param.mul_(decay)
-        buf.mul_(beta).add_(grad * _one(coefs, i))
-        param.sub_(buf * _one(step_sizes, i))
+        buf.mul_(beta).add_(grad * item_of(coefs, i))
+        param.sub_(buf * item_of(step_sizes, i))
 
 
 #: The compiled kernel: one compiled copy per configuration, as for Smoothed SignSGD
@@ -258,7 +258,7 @@ def _fused_smoothed_norm(
 ) -> None:
     """Compiled kernel: the norms as in the for-loop kernel, then one fused loop per tensor (compiled on first use
     for each configuration, :data:`_NORM_KERNEL`; float16/bfloat16 tensors are computed in float32 in the loop)."""
-    _check_kernel_args(params, grads, momentum_buffers, state_steps)
+    check_kernel_args(params, grads, momentum_buffers, state_steps)
     if not params:
         return
     signed = -(1.0 - beta) if maximize else (1.0 - beta)
@@ -271,15 +271,15 @@ def _fused_smoothed_norm(
         raise ValueError(f"Invalid norm: {norm!r}; expected one of {NORM_KINDS}")
     # the update is linear in (param, grad, buf) with real coefficients: complex tensors run as their real views
     params, grads, momentum_buffers = ([real_view(t) for t in ts] for ts in (params, grads, momentum_buffers))
-    step_sizes = _step_size_tensors(params, state_steps, lr, beta, bias_correction)
-    decay = _decay_tensor(params, lr, weight_decay)
-    _run_fused(
+    step_sizes = step_size_tensors(params, state_steps, lr, beta, bias_correction)
+    decay = decay_tensor(params, lr, weight_decay)
+    run_fused(
         _NORM_KERNEL,
         params,
         grads,
         momentum_buffers,
-        _shared(coefs),
-        _shared(step_sizes),
+        shared_or_list(coefs),
+        shared_or_list(step_sizes),
         decay,
         beta,
         weight_decay != 0.0,
@@ -315,7 +315,7 @@ def smoothed_norm_sgd(
         "fused": _fused_smoothed_norm,
         "foreach": _multi_tensor_smoothed_norm,
         "loop": _single_tensor_smoothed_norm,
-    }[_pick(foreach, fused, params)]
+    }[pick_kernel(foreach, fused, params)]
     kernel(
         params,
         grads,
@@ -335,7 +335,7 @@ def smoothed_norm_sgd(
 # --------------------------------------------------------------------------- #
 # optimizer class
 # --------------------------------------------------------------------------- #
-class SmoothedNormSGD(_SmoothedMomentumOptimizer):
+class SmoothedNormSGD(SmoothedMomentumOptimizer):
     r"""Smoothed NormSGD: momentum of the *normalised* gradient.
 
     .. code-block:: text
@@ -465,7 +465,7 @@ class SmoothedNormSGD(_SmoothedMomentumOptimizer):
         foreach: bool | None = None,
         fused: bool = False,
     ) -> None:
-        defaults = _check_hyperparameters(
+        defaults = check_hyperparameters(
             dict(
                 lr=lr,
                 beta=beta,
@@ -486,7 +486,7 @@ class SmoothedNormSGD(_SmoothedMomentumOptimizer):
             group.setdefault("norm", "global")
             group.setdefault("eps", 1e-12)
 
-    @_no_grad_step
+    @no_grad_step
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform a single optimisation step.
 

@@ -38,23 +38,23 @@ from lightning_clip._compile import CompiledKernel
 from lightning_clip.norms import is_dtensor
 
 from ._base import (
-    _CHUNK,
+    CHUNK,
+    Scratch,
+    SmoothedMomentumOptimizer,
     StepCount,
-    _apply_step_foreach,
-    _check_hyperparameters,
-    _check_kernel_args,
-    _chunks,
-    _decay_tensor,
-    _descend,
-    _no_grad_step,
-    _one,
-    _pick,
-    _run_fused,
-    _Scratch,
-    _shared,
-    _SmoothedMomentumOptimizer,
-    _step_size,
-    _step_size_tensors,
+    apply_step_foreach,
+    check_hyperparameters,
+    check_kernel_args,
+    decay_tensor,
+    descend_,
+    item_of,
+    no_grad_step,
+    pick_kernel,
+    run_fused,
+    shared_or_list,
+    split_chunks,
+    step_size_for,
+    step_size_tensors,
 )
 
 __all__ = ["SmoothedSignSGD", "smoothed_sign_sgd"]
@@ -82,25 +82,25 @@ def _single_tensor_smoothed_sign(
 ) -> None:
     """For-loop kernel: per tensor, ``sign(g)`` into scratch space, then ``buf.lerp_`` and ``param.add_``.
 
-    ``sign(g)`` goes into one scratch buffer of at most :data:`_CHUNK` entries, reused by every tensor (no
+    ``sign(g)`` goes into one scratch buffer of at most :data:`CHUNK` entries, reused by every tensor (no
     allocation per tensor); a tensor larger than that is updated one chunk at a time, the whole chain per chunk.
     DTensors (FSDP2, tensor parallel) are updated whole, through DTensor's own ops: a flat chunk of a sharded tensor
     would cross the shards. Under ``torch.compile`` every tensor is updated whole, without scratch space
     (TorchInductor fuses the chain).
     """
-    _check_kernel_args(params, grads, momentum_buffers, state_steps)
+    check_kernel_args(params, grads, momentum_buffers, state_steps)
     compiling = torch.compiler.is_compiling()
-    scratch = None if compiling else _Scratch(grads)
+    scratch = None if compiling else Scratch(grads)
     weight = 1.0 - beta
     decay = 1.0 - lr * weight_decay
     for param, grad, buf, step in zip(params, grads, momentum_buffers, state_steps):
-        step_size = _step_size(lr, beta, step, bias_correction, param)
+        step_size = step_size_for(lr, beta, step, bias_correction, param)
         flat = scratch is not None and not grad.is_complex() and grad.dtype == buf.dtype and not is_dtensor(grad)
-        chunks = _chunks(param, grad, buf) if flat and grad.numel() > _CHUNK else None
+        chunks = split_chunks(param, grad, buf) if flat and grad.numel() > CHUNK else None
         for p, g, b in chunks or ((param, grad, buf),):
             if weight_decay != 0.0:
                 p.mul_(decay)
-            if scratch is not None and flat and g.numel() <= _CHUNK:
+            if scratch is not None and flat and g.numel() <= CHUNK:
                 direction = torch.sign(g, out=scratch.like(g))
             else:  # compiling, complex, a DTensor, or large and not contiguous: a temporary the size of the tensor
                 direction = _sign(g)
@@ -108,7 +108,7 @@ def _single_tensor_smoothed_sign(
                 direction.neg_()
             # buf = beta * buf + (1 - beta) * sign(grad)
             b.lerp_(direction, weight)
-            _descend(p, b, step_size)
+            descend_(p, b, step_size)
 
 
 def _multi_tensor_smoothed_sign(
@@ -124,7 +124,7 @@ def _multi_tensor_smoothed_sign(
     maximize: bool,
 ) -> None:
     """Multi-tensor kernel built on ``torch._foreach_*`` ops."""
-    _check_kernel_args(params, grads, momentum_buffers, state_steps)
+    check_kernel_args(params, grads, momentum_buffers, state_steps)
     if not params:
         return
     # one group of every tensor under torch.compile (TorchInductor groups them itself)
@@ -143,7 +143,7 @@ def _multi_tensor_smoothed_sign(
             torch._foreach_neg_(directions)
         torch._foreach_lerp_(device_bufs, directions, 1.0 - beta)
         del directions
-        _apply_step_foreach(device_params, device_bufs, device_steps, lr=lr, beta=beta, bias_correction=bias_correction)
+        apply_step_foreach(device_params, device_bufs, device_steps, lr=lr, beta=beta, bias_correction=bias_correction)
 
 
 # --------------------------------------------------------------------------- #
@@ -163,7 +163,7 @@ def _sign_body(
         if apply_decay:
             param.mul_(decay)
         buf.lerp_(torch.sign(grad) * direction, one_minus_beta)  # real tensors only (complex: the loop kernel)
-        param.sub_(buf * _one(step_sizes, i))
+        param.sub_(buf * item_of(step_sizes, i))
 
 
 #: The compiled kernel: one compiled copy per configuration (shapes, dtypes, ``beta``, ``maximize``, ...), any
@@ -190,7 +190,7 @@ def _fused_smoothed_sign(
 
     Complex parameters take the for-loop kernel (TorchInductor generates no code for complex operations).
     """
-    _check_kernel_args(params, grads, momentum_buffers, state_steps)
+    check_kernel_args(params, grads, momentum_buffers, state_steps)
     is_complex = [p.is_complex() for p in params]
     if any(is_complex):
 
@@ -209,14 +209,14 @@ def _fused_smoothed_sign(
         params, grads, momentum_buffers, state_steps = (select(xs, False) for xs in lists)
     if not params:
         return
-    step_sizes = _step_size_tensors(params, state_steps, lr, beta, bias_correction)
-    decay = _decay_tensor(params, lr, weight_decay)
-    _run_fused(
+    step_sizes = step_size_tensors(params, state_steps, lr, beta, bias_correction)
+    decay = decay_tensor(params, lr, weight_decay)
+    run_fused(
         _SIGN_KERNEL,
         params,
         grads,
         momentum_buffers,
-        _shared(step_sizes),
+        shared_or_list(step_sizes),
         decay,
         1.0 - beta,
         -1.0 if maximize else 1.0,
@@ -254,7 +254,7 @@ def smoothed_sign_sgd(
         "fused": _fused_smoothed_sign,
         "foreach": _multi_tensor_smoothed_sign,
         "loop": _single_tensor_smoothed_sign,
-    }[_pick(foreach, fused, params)]
+    }[pick_kernel(foreach, fused, params)]
     kernel(
         params,
         grads,
@@ -271,7 +271,7 @@ def smoothed_sign_sgd(
 # --------------------------------------------------------------------------- #
 # optimizer class
 # --------------------------------------------------------------------------- #
-class SmoothedSignSGD(_SmoothedMomentumOptimizer):
+class SmoothedSignSGD(SmoothedMomentumOptimizer):
     r"""Smoothed SignSGD: momentum of the gradient *signs*.
 
     The sign is taken *before* the momentum (unlike Signum / Lion, which take
@@ -387,7 +387,7 @@ class SmoothedSignSGD(_SmoothedMomentumOptimizer):
         foreach: bool | None = None,
         fused: bool = False,
     ) -> None:
-        defaults = _check_hyperparameters(
+        defaults = check_hyperparameters(
             dict(
                 lr=lr,
                 beta=beta,
@@ -400,7 +400,7 @@ class SmoothedSignSGD(_SmoothedMomentumOptimizer):
         )
         super().__init__(params, defaults)
 
-    @_no_grad_step
+    @no_grad_step
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform a single optimisation step.
 
